@@ -1,0 +1,268 @@
+"""Data sources and the shared 2D slice pipeline.
+
+Every data source (the embedded phantoms, the ACDC release layout, an MSD-style datalist) produces a list of
+volume records ``{"image": path, "label": path, "case": name}``. :class:`SliceDataset` then runs the volume-level
+preprocessing once, cuts every volume into 2D slices and numbers them: the slice number (``id``) is the index of the
+slice in a fixed ordering (datalist order, then slice index), so it does not depend on shuffling, caching, workers or
+samplers. Training state that is kept per sample (pseudo-labels, Clean/Noisy verdicts) is indexed by that number.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import Dataset
+from monai.transforms import apply_transform
+
+from scripts.noise import simulate_label_noise
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["acdc_datalist", "msd_datalist", "list_volumes", "SliceDataset", "check_files"]
+
+
+def check_files(records: Sequence[dict], keys: Sequence[str] = ("image", "label")) -> list[dict]:
+    """Fail early, naming the file, when a datalist points at something that is not there."""
+    if len(records) == 0:
+        raise ValueError("the datalist is empty: no volumes to load (check dataset_dir and the split).")
+    for rec in records:
+        for key in keys:
+            if key not in rec:
+                raise KeyError(f"datalist entry {rec} has no '{key}' key (expected keys: {list(keys)}).")
+            path = Path(rec[key])
+            if not path.is_file():
+                raise FileNotFoundError(f"{key} file not found: {path}")
+    return list(records)
+
+
+def _split_cases(cases: list[str], split: str, splits_file: str | None, val_fraction: float, seed: int) -> list[str]:
+    if split == "all":
+        return cases
+    if splits_file:
+        path = Path(splits_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"splits file not found: {path}")
+        splits = json.loads(path.read_text())
+        if split not in splits:
+            raise KeyError(f"split '{split}' not in {path} (it has: {sorted(splits)})")
+        chosen = list(splits[split])
+        unknown = sorted(set(chosen) - set(cases))
+        if unknown:
+            raise FileNotFoundError(f"{path} names cases with no volumes in the data folder: {unknown[:5]}")
+        return chosen
+    shuffled = list(cases)
+    random.Random(seed).shuffle(shuffled)
+    n_val = max(1, round(val_fraction * len(shuffled))) if len(shuffled) > 1 else 0
+    chosen = shuffled[:n_val] if split == "val" else shuffled[n_val:]
+    return sorted(chosen)
+
+
+def acdc_datalist(
+    root: str,
+    split: str = "train",
+    splits_file: str | None = "auto",
+    val_fraction: float = 0.125,
+    seed: int = 0,
+    with_label: bool = True,
+) -> list[dict]:
+    """Volumes of a folder in the ACDC release layout (``patientNNN/patientNNN_frameNN[_gt].nii.gz``).
+
+    ``splits_file="auto"`` uses ``<root>/splits.json`` when it exists and a seeded split otherwise; ``None`` forces
+    the seeded split; ``split="all"`` returns every case.
+    """
+    base = Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"data folder not found: {base}")
+    if splits_file == "auto":
+        splits_file = str(base / "splits.json") if (base / "splits.json").is_file() else None
+    cases = sorted(p.name for p in base.iterdir() if p.is_dir() and p.name.startswith("patient"))
+    if not cases:
+        raise FileNotFoundError(f"no patientNNN folders in {base}: is it in the ACDC release layout?")
+    records = []
+    for case in _split_cases(cases, split, splits_file, val_fraction, seed):
+        frames = sorted(f for f in (base / case).glob(f"{case}_frame[0-9][0-9].nii.gz"))
+        if not frames:
+            raise FileNotFoundError(f"no {case}_frameNN.nii.gz image in {base / case}")
+        for image in frames:
+            rec = {"image": str(image), "case": image.name[: -len(".nii.gz")]}
+            if with_label:
+                rec["label"] = str(image.with_name(image.name.replace(".nii.gz", "_gt.nii.gz")))
+            records.append(rec)
+    return check_files(records, ("image", "label") if with_label else ("image",))
+
+
+def msd_datalist(
+    dataset_json: str,
+    split: str = "train",
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    section: str = "training",
+    with_label: bool = True,
+) -> list[dict]:
+    """Volumes of an MSD-style ``dataset.json``; paths in it are relative to the file's folder.
+
+    A ``"validation"`` section in the file is used for ``split="val"``; without one, a seeded split of ``section``.
+    """
+    path = Path(dataset_json)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist not found: {path}")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if section not in content:
+        raise KeyError(f"{path} has no '{section}' section (it has: {sorted(content)})")
+    keys = ("image", "label") if with_label else ("image",)
+
+    def resolve(entries):
+        out = []
+        for entry in entries:
+            if not isinstance(entry, dict) or "image" not in entry:
+                raise KeyError(f"{path}: entry {entry!r} has no 'image' key")
+            if with_label and "label" not in entry:
+                raise KeyError(f"{path}: entry {entry!r} has no 'label' key")
+            rec = {k: str((path.parent / entry[k]).resolve()) for k in keys}
+            rec["case"] = Path(entry["image"]).name.split(".nii")[0]
+            out.append(rec)
+        return out
+
+    if split == "val" and "validation" in content:
+        return check_files(resolve(content["validation"]), keys)
+    records = resolve(content[section])
+    if split in ("train", "val") and "validation" not in content:
+        names = _split_cases([r["case"] for r in records], split, None, val_fraction, seed)
+        records = [r for r in records if r["case"] in set(names)]
+    return check_files(records, keys)
+
+
+def list_volumes(folder: str, pattern: str = "*.nii.gz", exclude: str = "_gt.nii.gz") -> list[dict]:
+    """Every image volume under ``folder`` (recursively), for inference where there are no labels."""
+    base = Path(folder)
+    if base.is_file() and base.suffix == ".json":
+        return msd_datalist(str(base), split="all", with_label=False)
+    if not base.is_dir():
+        raise FileNotFoundError(f"input folder not found: {base}")
+    images = sorted(p for p in base.rglob(pattern) if not p.name.endswith(exclude))
+    if not images:
+        raise FileNotFoundError(f"no {pattern} volumes in {base}")
+    return [{"image": str(p), "case": p.name.split(".nii")[0]} for p in images]
+
+
+class SliceDataset(Dataset):
+    """2D samples cut from preprocessed volumes, with stable sample ids.
+
+    Args:
+        data: volume records, as produced by the datalist functions.
+        volume_transform: applied once per volume; must return channel-first ``image`` and ``label`` arrays
+            of shape (1, H, W, S).
+        transform: applied to every 2D sample each time it is read (augmentation).
+        store: optional pseudo-label store; when given, each sample also gets a ``pseudo`` key read from it
+            before ``transform`` runs, so random spatial transforms move it with the image and the label.
+        slice_axis: the through-plane axis of the volume, counted without the channel.
+        label_noise: optional ``{"alpha", "beta", "seed", "radius_scale"}``: simulate label noise (Sec. 3.2) on the
+            slices' labels, keeping the originals, which :meth:`clean_labels` returns for reporting.
+        num_classes: classes including background, needed with ``label_noise``.
+    """
+
+    def __init__(
+        self,
+        data: Sequence[dict],
+        volume_transform: Callable | None = None,
+        transform: Callable | None = None,
+        store=None,
+        slice_axis: int = -1,
+        keys: Sequence[str] = ("image", "label"),
+        label_noise: dict | None = None,
+        num_classes: int | None = None,
+    ) -> None:
+        self.volumes = list(data)
+        self.keys = tuple(keys)
+        self.store = store
+        samples = []
+        for rec in self.volumes:
+            vol = apply_transform(volume_transform, dict(rec)) if volume_transform is not None else dict(rec)
+            arrays = {k: torch.as_tensor(np.asarray(vol[k])) for k in self.keys}
+            n_slices = arrays[self.keys[0]].shape[slice_axis]
+            for z in range(n_slices):
+                sample = {"id": len(samples), "case": rec.get("case", str(rec["image"])), "slice": z}
+                for k in self.keys:
+                    sl = arrays[k].select(slice_axis, z).contiguous()
+                    # labels are kept compact: a CT set can hold tens of thousands of slices in memory
+                    sample[k] = sl.to(torch.uint8) if k == "label" else sl.float()
+                samples.append(sample)
+        if not samples:
+            raise ValueError("the data set holds no slices: every volume was empty.")
+        super().__init__(data=samples, transform=transform)
+        logger.info(f"SliceDataset: {len(self.volumes)} volumes, {len(samples)} slices")
+        if label_noise:
+            if num_classes is None:
+                raise ValueError("label_noise needs num_classes")
+            noisy, flags = simulate_label_noise(self.labels(), num_classes=num_classes, **label_noise)
+            self.set_labels(torch.as_tensor(noisy))
+            self.noise_flags = torch.as_tensor(flags)
+            logger.info(f"SliceDataset: simulated noise {label_noise} on {int((self.noise_flags > 0).sum())} "
+                        f"of {len(samples)} slices")
+
+    @property
+    def slice_shape(self) -> tuple[int, ...]:
+        return tuple(self.data[0][self.keys[0]].shape[1:])
+
+    def labels(self) -> torch.Tensor:
+        """All manual labels as one (N, H, W) uint8 tensor, in id order."""
+        return torch.stack([s["label"][0] for s in self.data])
+
+    def set_labels(self, labels: torch.Tensor) -> None:
+        """Replace the manual labels (used to inject simulated noise), keeping the originals as ``clean_label``."""
+        if labels.shape[0] != len(self.data):
+            raise ValueError(f"got {labels.shape[0]} labels for {len(self.data)} slices")
+        for s, lab in zip(self.data, labels):
+            s.setdefault("clean_label", s["label"])
+            s["label"] = lab[None].to(torch.uint8)
+
+    def clean_labels(self) -> torch.Tensor | None:
+        """The labels before simulated noise (N, H, W), or ``None`` when no noise was simulated."""
+        if "clean_label" not in self.data[0]:
+            return None
+        return torch.stack([s["clean_label"][0] for s in self.data])
+
+    def _transform(self, index: int):
+        sample = dict(self.data[index])
+        sample.pop("clean_label", None)
+        if self.store is not None:
+            sample["pseudo"] = self.store.get(sample["id"])[None]
+        for k in ("label", "pseudo"):
+            if k in sample:
+                sample[k] = sample[k].float()
+        return apply_transform(self.transform, sample) if self.transform is not None else sample
+
+
+def output_path(image: str, output_dir: str, postfix: str) -> Path:
+    """Where inference writes the mask of ``image`` (SaveImaged's naming with ``separate_folder=False``)."""
+    name = Path(image).name
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+    return Path(output_dir) / f"{stem}_{postfix}.nii.gz"
+
+
+def refuse_existing_outputs(records: Sequence[dict], output_dir: str, postfix: str = "seg",
+                            overwrite: bool = False) -> list[dict]:
+    """Stop before any work when an output would replace an input or, unless ``overwrite``, an earlier result."""
+    inputs = {Path(r["image"]).resolve() for r in records}
+    clashes = []
+    for rec in records:
+        out = output_path(rec["image"], output_dir, postfix).resolve()
+        if out in inputs:
+            raise FileExistsError(f"output {out} would overwrite an input volume: choose another output_dir")
+        if out.exists() and not overwrite:
+            clashes.append(str(out))
+    if clashes:
+        raise FileExistsError(
+            f"{len(clashes)} output file(s) already exist, e.g. {clashes[0]}; pass --overwrite true to replace "
+            f"them or choose another --output_dir"
+        )
+    return list(records)

@@ -1,0 +1,307 @@
+"""Label filtering module (LFM, Sec. 2.2 of the paper): GMM on per-sample losses, cascade.
+
+A two-component Gaussian mixture is fitted to the min-max normalised per-sample losses;
+the component with the smaller mean is "Clean", and a sample is Clean when its
+posterior for that component exceeds 0.5. The defaults are DivideMix's
+(``max_iter=10, tol=1e-2, reg_covar=5e-4``).
+
+Degenerate inputs get a defined answer instead of an exception, always "everything
+Clean, nothing to cleanse this round", with a ``status`` to log:
+
+* ``"too_few_samples"``: fewer than ``min_samples`` losses; two Gaussians cannot be
+  fitted meaningfully to a handful of points.
+* ``"constant_losses"``: the raw losses span less than ``const_tol``; min-max
+  normalisation would only blow rounding noise up to [0, 1].
+* ``"collapsed"``: the fit ran, but one component has weight < ``min_weight`` or the
+  two means are closer than ``min_separation`` (normalised units): the losses are
+  effectively one population and a split would be arbitrary. The fitted parameters
+  are kept in the result for inspection.
+
+All-Clean is the safe default for this method: a Clean manual label is kept as the
+training target, so a round that cannot decide changes nothing. NaN or infinite
+losses raise ``ValueError``; they point at a bug upstream and must not be silently
+classified.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture
+
+__all__ = [
+    "KEEP_MANUAL",
+    "KEEP_PSEUDO",
+    "CLEANSE",
+    "STATUS_OK",
+    "STATUS_TOO_FEW",
+    "STATUS_CONSTANT",
+    "STATUS_COLLAPSED",
+    "FilterResult",
+    "normalise_losses",
+    "gmm_filter",
+    "cascade",
+    "filter_precision_recall",
+]
+
+KEEP_MANUAL = 0
+KEEP_PSEUDO = 1
+CLEANSE = 2
+
+STATUS_OK = "ok"
+STATUS_TOO_FEW = "too_few_samples"
+STATUS_CONSTANT = "constant_losses"
+STATUS_COLLAPSED = "collapsed"
+
+
+def _as_loss_vector(losses) -> torch.Tensor:
+    t = torch.as_tensor(losses)
+    if t.ndim != 1:
+        raise ValueError(f"losses must be a 1D vector (N,), got shape {tuple(t.shape)}")
+    t = t.detach().to(device="cpu", dtype=torch.float64)
+    if t.numel() and not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).nonzero(as_tuple=True)[0]
+        raise ValueError(
+            f"losses contain {bad.numel()} NaN/inf value(s), first at index {int(bad[0])}; "
+            "check the per-sample loss computation"
+        )
+    return t
+
+
+def normalise_losses(losses: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise to [0, 1]; a constant (or empty) vector maps to zeros.
+
+    "Constant" means a spread within a few ulps of the largest magnitude, where the
+    division would only amplify rounding. Returns float64 on the CPU; raises
+    ValueError for NaN/inf.
+    """
+    t = _as_loss_vector(losses)
+    if t.numel() == 0:
+        return t
+    lo, hi = t.min(), t.max()
+    spread = float(hi - lo)
+    if spread <= 4 * np.finfo(np.float64).eps * max(1.0, float(t.abs().max())):
+        return torch.zeros_like(t)
+    return (t - lo) / spread
+
+
+@dataclass
+class FilterResult:
+    """Outcome of :func:`gmm_filter`.
+
+    ``means``, ``variances`` and ``weights`` are ``(clean, noisy)`` in normalised units
+    when a mixture was fitted (also for ``"collapsed"``), and ``()`` otherwise. A loss
+    ``x`` in the original units maps to ``(x - loss_min) / (loss_max - loss_min)``;
+    :meth:`component_pdfs` gives the weighted densities for drawing the two Gaussians
+    over a histogram.
+    """
+
+    clean: torch.Tensor
+    clean_prob: torch.Tensor
+    status: str
+    means: tuple = ()
+    weights: tuple = ()
+    variances: tuple = ()
+    loss_min: float = float("nan")
+    loss_max: float = float("nan")
+    converged: Optional[bool] = None
+    n_iter: int = 0
+    threshold: float = 0.5
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def noisy(self) -> torch.Tensor:
+        return ~self.clean
+
+    @property
+    def n_clean(self) -> int:
+        return int(self.clean.sum())
+
+    @property
+    def n_noisy(self) -> int:
+        return int((~self.clean).sum())
+
+    @property
+    def fitted(self) -> bool:
+        return len(self.means) == 2
+
+    def summary(self) -> dict:
+        """Flat dict of scalars for logging."""
+        out = {
+            "status": self.status,
+            "n": int(self.clean.numel()),
+            "n_clean": self.n_clean,
+            "n_noisy": self.n_noisy,
+            "loss_min": self.loss_min,
+            "loss_max": self.loss_max,
+        }
+        if self.fitted:
+            for name, (c, n) in (("mean", self.means), ("var", self.variances), ("weight", self.weights)):
+                out[f"{name}_clean"] = float(c)
+                out[f"{name}_noisy"] = float(n)
+            out["converged"] = self.converged
+            out["n_iter"] = self.n_iter
+        return out
+
+    def component_pdfs(self, x) -> tuple[np.ndarray, np.ndarray]:
+        """Weighted Gaussian densities (clean, noisy) at normalised losses ``x``."""
+        if not self.fitted:
+            raise ValueError(f"no mixture was fitted (status {self.status!r})")
+        x = np.asarray(x, dtype=np.float64)
+        pdfs = []
+        for m, v, w in zip(self.means, self.variances, self.weights):
+            pdfs.append(w * np.exp(-0.5 * (x - m) ** 2 / v) / math.sqrt(2 * math.pi * v))
+        return pdfs[0], pdfs[1]
+
+
+def _all_clean(n: int, status: str, lo: float, hi: float, **kw) -> FilterResult:
+    return FilterResult(
+        clean=torch.ones(n, dtype=torch.bool),
+        clean_prob=torch.ones(n, dtype=torch.float64),
+        status=status,
+        loss_min=lo,
+        loss_max=hi,
+        **kw,
+    )
+
+
+def gmm_filter(
+    losses: torch.Tensor,
+    min_samples: int = 8,
+    seed: int = 0,
+    max_iter: int = 10,
+    tol: float = 1e-2,
+    reg_covar: float = 5e-4,
+    min_separation: float = 0.05,
+    min_weight: float = 0.01,
+    const_tol: float = 1e-6,
+    monotone: bool = True,
+) -> FilterResult:
+    """Split samples into Clean / Noisy with a two-component GMM on their losses.
+
+    Args:
+        losses: (N,) per-sample losses (any float dtype/device; read as float64 on CPU).
+        min_samples: below this many samples, everything is Clean (``"too_few_samples"``).
+        seed: ``random_state`` of the mixture; equal inputs and seed give equal output.
+        max_iter, tol, reg_covar: passed to ``sklearn.mixture.GaussianMixture``.
+        min_separation: means closer than this (normalised units) count as collapsed.
+        min_weight: a component lighter than this counts as collapsed.
+        const_tol: raw losses spanning less than this are constant.
+        monotone: if True (default), losses at or below the clean mean are always Clean
+            and losses at or above the noisy mean always Noisy. With unequal variances
+            the wider Gaussian also wins far out on the *other* side, which would call
+            a sample Noisy because its loss is unusually *low*; this only corrects those
+            tails. Between the two means the decision is the plain posterior > 0.5 rule
+            (DivideMix's), and ``clean_prob`` is always the raw posterior.
+
+    Returns:
+        :class:`FilterResult`; ``clean`` and ``clean_prob`` are CPU tensors.
+    """
+    raw = _as_loss_vector(losses)
+    n = raw.numel()
+    lo = float(raw.min()) if n else float("nan")
+    hi = float(raw.max()) if n else float("nan")
+    if n < max(min_samples, 2):
+        return _all_clean(n, STATUS_TOO_FEW, lo, hi)
+    if hi - lo < const_tol:
+        return _all_clean(n, STATUS_CONSTANT, lo, hi)
+
+    x = normalise_losses(raw).numpy().reshape(-1, 1)
+    gmm = GaussianMixture(
+        n_components=2, max_iter=max_iter, tol=tol, reg_covar=reg_covar, random_state=seed
+    )
+    with warnings.catch_warnings():
+        # max_iter=10 routinely stops before sklearn's convergence test; that is the
+        # intended DivideMix setting, so record the flag instead of warning every round.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gmm.fit(x)
+    means = gmm.means_.reshape(-1)
+    variances = gmm.covariances_.reshape(-1)
+    weights = gmm.weights_.reshape(-1)
+    ci, ni = (0, 1) if means[0] <= means[1] else (1, 0)
+    params = dict(
+        means=(float(means[ci]), float(means[ni])),
+        variances=(float(variances[ci]), float(variances[ni])),
+        weights=(float(weights[ci]), float(weights[ni])),
+        converged=bool(gmm.converged_),
+        n_iter=int(gmm.n_iter_),
+    )
+    if weights.min() < min_weight or abs(means[ni] - means[ci]) < min_separation:
+        return _all_clean(n, STATUS_COLLAPSED, lo, hi, **params)
+
+    prob = gmm.predict_proba(x)[:, ci]
+    clean = prob > 0.5
+    if monotone:
+        xs = x[:, 0]
+        clean = np.where(xs <= means[ci], True, np.where(xs >= means[ni], False, clean))
+    return FilterResult(
+        clean=torch.from_numpy(np.asarray(clean, dtype=bool)),
+        clean_prob=torch.from_numpy(prob.astype(np.float64)),
+        status=STATUS_OK,
+        loss_min=lo,
+        loss_max=hi,
+        **params,
+    )
+
+
+def cascade(
+    manual_clean: torch.Tensor,
+    pseudo_clean: torch.Tensor,
+    has_pseudo: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Cascaded decision per sample (Sec. 2.2).
+
+    manual Clean -> ``KEEP_MANUAL``; manual Noisy and pseudo Clean -> ``KEEP_PSEUDO``;
+    both Noisy -> ``CLEANSE``. If ``has_pseudo`` is given, a sample without a
+    pseudo-label yet counts as pseudo-Noisy whatever GMM-2 said: an all-zero initial
+    pseudo-label is not a label worth keeping, and with every initial pseudo-loss equal
+    GMM-2 would call them all Clean.
+
+    Returns:
+        (N,) int64 action codes on the device of ``manual_clean``.
+    """
+    manual = torch.as_tensor(manual_clean).to(torch.bool)
+    pseudo = torch.as_tensor(pseudo_clean).to(device=manual.device, dtype=torch.bool)
+    if manual.shape != pseudo.shape or manual.ndim != 1:
+        raise ValueError(
+            f"manual_clean and pseudo_clean must be (N,) of equal length, got "
+            f"{tuple(manual.shape)} and {tuple(pseudo.shape)}"
+        )
+    if has_pseudo is not None:
+        hp = torch.as_tensor(has_pseudo).to(device=manual.device, dtype=torch.bool)
+        if hp.shape != manual.shape:
+            raise ValueError(f"has_pseudo must have shape {tuple(manual.shape)}, got {tuple(hp.shape)}")
+        pseudo = pseudo & hp
+    action = torch.full(manual.shape, CLEANSE, dtype=torch.int64, device=manual.device)
+    action[~manual & pseudo] = KEEP_PSEUDO
+    action[manual] = KEEP_MANUAL
+    return action
+
+
+def filter_precision_recall(
+    pred_noisy: torch.Tensor, true_noisy: torch.Tensor, zero_division: float = 1.0
+) -> tuple[float, float]:
+    """Precision and recall of the filter with "Noisy" as the positive class.
+
+    0/0 cases return ``zero_division`` (default 1.0): precision when nothing was
+    predicted Noisy (no false alarm was raised), recall when nothing is truly Noisy
+    (nothing was missed). So a perfect filter on clean data scores (1, 1), and a filter
+    that flags nothing on noisy data scores (1, 0), the recall exposing it. Pass
+    ``float("nan")`` to make undefined values explicit instead.
+    """
+    pred = torch.as_tensor(pred_noisy).to(torch.bool).reshape(-1).cpu()
+    true = torch.as_tensor(true_noisy).to(torch.bool).reshape(-1).cpu()
+    if pred.shape != true.shape:
+        raise ValueError(f"pred_noisy and true_noisy differ in size: {pred.numel()} vs {true.numel()}")
+    tp = int((pred & true).sum())
+    n_pred = int(pred.sum())
+    n_true = int(true.sum())
+    precision = tp / n_pred if n_pred else float(zero_division)
+    recall = tp / n_true if n_true else float(zero_division)
+    return precision, recall

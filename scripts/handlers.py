@@ -1,0 +1,404 @@
+"""Ignite handlers: the hybrid-loss schedule, the self-cleansing round (LFM + LCM) and what a user sees of it.
+
+The math lives in :mod:`scripts.filtering`, :mod:`scripts.prototypes` and :mod:`scripts.schedule`; these classes
+only decide when it runs, move tensors between the network, the data set and the store, and fire the bundle's
+:class:`~scripts.engine.CleansingEvents` so that other handlers can watch a round.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+
+from scripts.engine import CleansingEvents
+from scripts.filtering import CLEANSE, KEEP_MANUAL, KEEP_PSEUDO, FilterResult, cascade, filter_precision_recall, gmm_filter
+from scripts.losses import HybridLoss, SegmentationLoss
+from scripts.metrics import label_dice
+from scripts.prototypes import cleanse_batch
+from scripts.schedule import hybrid_weights
+from scripts.store import PseudoLabelStore
+
+__all__ = ["HybridLossSchedule", "SelfCleansing", "CleansingRound", "CleansingLogger"]
+
+
+def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    return getattr(network, "module", network)
+
+
+class HybridLossSchedule:
+    """Set λ1, λ2 of a :class:`HybridLoss` at the start of each epoch from Eq. 8 (``e1``, ``e2`` in epochs)."""
+
+    def __init__(self, loss: HybridLoss, e1: int, e2: int, lambda1_floor: float = 0.0) -> None:
+        self.loss, self.e1, self.e2, self.lambda1_floor = loss, int(e1), int(e2), float(lambda1_floor)
+        hybrid_weights(0, self.e1, self.e2, self.lambda1_floor)  # validates the arguments now, not mid-run
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        lam1, lam2 = hybrid_weights(engine.state.epoch - 1, self.e1, self.e2, self.lambda1_floor)
+        self.loss.lambda1, self.loss.lambda2 = lam1, lam2
+        engine.state.lambda1, engine.state.lambda2 = lam1, lam2
+
+
+@dataclass
+class CleansingRound:
+    """Everything one round computed; lives on ``engine.state.cleansing`` while its events fire."""
+
+    epoch: int
+    index: int
+    manual_loss: torch.Tensor | None = None
+    pseudo_loss: torch.Tensor | None = None
+    prediction: torch.Tensor | None = None
+    candidates: torch.Tensor | None = None
+    manual_filter: FilterResult | None = None
+    pseudo_filter: FilterResult | None = None
+    actions: torch.Tensor | None = None
+    summary: dict = field(default_factory=dict)
+
+
+class SelfCleansing:
+    """The cleansing round of Sec. 2.2–2.3, run every ``interval`` epochs from the end of epoch ``start_epoch``.
+
+    A round runs the network in eval mode over the whole training set without augmentation (Eq. 1 losses against
+    Y and Y', the prediction, the feature map), fits GMM-1 on the manual losses and GMM-2 on the pseudo losses,
+    applies the cascade, and replaces Y' of the samples to cleanse with the LCM output.
+
+    Args:
+        network: the segmentation network; it (or its ``module``) must have ``forward_features``.
+        dataset: the training :class:`~scripts.data.SliceDataset`; the store is attached to it so training
+            batches carry the pseudo-label through the same augmentation as image and label.
+        store: the :class:`~scripts.store.PseudoLabelStore`.
+        num_classes: classes including background (2 for a binary task).
+        start_epoch: E1, the warm-up length; the first round runs at the end of this epoch.
+        interval: k, epochs between rounds.
+        filter_loss: the per-sample loss the GMMs see (default: soft Dice, Eq. 1).
+        use_filter: ``False`` cleanses every sample each round (Table 4, "LCM" without LFM).
+        pseudo_source: ``"grid"`` (representative grid prototypes, the paper), ``"avg"`` (one averaged
+            prototype), ``"pred"`` (the network's prediction), Table 4's three variants.
+        unlabelled_as_noisy: a sample that has no pseudo-label yet counts as pseudo-Noisy instead of being judged
+            by GMM-2. With the paper's all-zero start every pseudo loss is equal and GMM-2 calls all of them Clean,
+            so a manual-Noisy sample would keep an empty target forever.
+        refresh: re-cleanse every manual-Noisy sample each round, ignoring GMM-2, so early pseudo-labels made by a
+            weak network do not freeze.
+        grid, sigma, mu, component_fraction, hole_fraction: LCM parameters (K, σ, μ, post-processing).
+        batch_size: slices per forward pass during the round.
+        seed: seed of the GMM fits.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        dataset,
+        store: PseudoLabelStore,
+        num_classes: int,
+        start_epoch: int,
+        interval: int = 5,
+        filter_loss: torch.nn.Module | None = None,
+        use_filter: bool = True,
+        pseudo_source: str = "grid",
+        unlabelled_as_noisy: bool = True,
+        refresh: bool = False,
+        grid: int = 64,
+        sigma: float = 0.7,
+        mu: float = 0.7,
+        component_fraction: float = 0.1,
+        hole_fraction: float = 0.1,
+        batch_size: int = 32,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if pseudo_source not in ("grid", "avg", "pred"):
+            raise ValueError(f"unknown pseudo_source '{pseudo_source}': use 'grid', 'avg' or 'pred'")
+        if interval < 1 or start_epoch < 0:
+            raise ValueError(f"need interval >= 1 and start_epoch >= 0, got {interval} and {start_epoch}")
+        self.network, self.dataset, self.store = network, dataset, store
+        self.num_classes, self.start_epoch, self.interval = int(num_classes), int(start_epoch), int(interval)
+        self.filter_loss = filter_loss if filter_loss is not None else SegmentationLoss("dice")
+        self.use_filter, self.pseudo_source = use_filter, pseudo_source
+        self.unlabelled_as_noisy, self.refresh = unlabelled_as_noisy, refresh
+        self.lcm = dict(grid=grid, sigma=sigma, mu=mu, min_fraction=component_fraction)
+        self.hole_fraction = hole_fraction
+        self.batch_size, self.seed, self.device = batch_size, seed, device
+        self.logger = logging.getLogger(self.__class__.__name__)
+
+    def attach(self, engine: Engine) -> None:
+        engine.register_events(*CleansingEvents)
+        if not self.store.initialised:
+            self.store.initialise(self.dataset.labels())
+        self.dataset.store = self.store
+        engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=self._due), self)
+
+    def _due(self, engine: Engine, epoch: int) -> bool:
+        return epoch >= self.start_epoch and (epoch - self.start_epoch) % self.interval == 0
+
+    def __call__(self, engine: Engine) -> None:
+        rnd = CleansingRound(epoch=engine.state.epoch, index=len(self.store.rounds) + 1)
+        engine.state.cleansing = rnd
+        engine.fire_event(CleansingEvents.ROUND_STARTED)
+        self.collect(rnd)
+        engine.fire_event(CleansingEvents.LOSSES_COLLECTED)
+        self.filter(rnd)
+        engine.fire_event(CleansingEvents.LABELS_FILTERED)
+        self.cleanse(rnd)
+        engine.fire_event(CleansingEvents.LABELS_CLEANSED)
+
+    @torch.no_grad()
+    def collect(self, rnd: CleansingRound) -> None:
+        """Losses, predictions and LCM candidates for every sample; each rank takes a share, then all share all."""
+        net = _unwrap(self.network)
+        was_training = net.training
+        net.eval()
+        device = self.device or next(net.parameters()).device
+        samples = self.dataset.data
+        n = len(samples)
+        shape = tuple(self.store.labels.shape[1:])
+        manual_loss, pseudo_loss = torch.zeros(n), torch.zeros(n)
+        prediction = torch.zeros((n, *shape), dtype=torch.uint8)
+        candidates = torch.zeros((n, *shape), dtype=torch.uint8)
+        mine = list(range(idist.get_rank(), n, idist.get_world_size()))
+        for start in range(0, len(mine), self.batch_size):
+            ids = mine[start : start + self.batch_size]
+            image = torch.stack([samples[i]["image"] for i in ids]).to(device)
+            label = torch.stack([samples[i]["label"] for i in ids]).to(device).float()
+            pseudo = self.store.labels[ids][:, None].to(device).float()
+            logits, features = net.forward_features(image)
+            logits, features = logits.float(), features.float()
+            manual_loss[ids] = self.filter_loss(logits, label).cpu()
+            pseudo_loss[ids] = self.filter_loss(logits, pseudo).cpu()
+            pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+            prediction[ids] = pred.to(torch.uint8).cpu()
+            cand = cleanse_batch(features, pred, num_classes=self.num_classes, mode=self.pseudo_source,
+                                 hole_fraction=self.hole_fraction, **self.lcm)
+            candidates[ids] = cand.to(torch.uint8).cpu()
+        net.train(was_training)
+        if idist.get_world_size() > 1:
+            # disjoint shares summed = the whole set on every rank
+            manual_loss, pseudo_loss = idist.all_reduce(manual_loss), idist.all_reduce(pseudo_loss)
+            prediction = idist.all_reduce(prediction.int()).to(torch.uint8)
+            candidates = idist.all_reduce(candidates.int()).to(torch.uint8)
+        rnd.manual_loss, rnd.pseudo_loss = manual_loss, pseudo_loss
+        rnd.prediction, rnd.candidates = prediction, candidates
+
+    def filter(self, rnd: CleansingRound) -> None:
+        """GMM-1 on the manual losses, GMM-2 on the pseudo losses, then the cascade."""
+        n = rnd.manual_loss.shape[0]
+        rnd.manual_filter = gmm_filter(rnd.manual_loss, seed=self.seed)
+        has = self.store.has_pseudo.clone()
+        judged = has if self.unlabelled_as_noisy else torch.ones_like(has)
+        pseudo_clean = torch.zeros(n, dtype=torch.bool)
+        pseudo_prob = torch.zeros(n)
+        if judged.any():
+            rnd.pseudo_filter = gmm_filter(rnd.pseudo_loss[judged], seed=self.seed)
+            pseudo_clean[judged] = rnd.pseudo_filter.clean
+            pseudo_prob[judged] = rnd.pseudo_filter.clean_prob.float()
+        actions = cascade(rnd.manual_filter.clean, pseudo_clean)
+        if self.refresh:
+            actions[~rnd.manual_filter.clean] = CLEANSE
+        if not self.use_filter:
+            actions[:] = CLEANSE
+        rnd.actions = actions
+        rnd.summary.update(
+            epoch=rnd.epoch,
+            manual_clean=int(rnd.manual_filter.clean.sum()),
+            manual_noisy=int((~rnd.manual_filter.clean).sum()),
+            pseudo_clean=int(pseudo_clean.sum()),
+            pseudo_noisy=int(n - pseudo_clean.sum()),
+            kept_manual=int((actions == KEEP_MANUAL).sum()),
+            kept_pseudo=int((actions == KEEP_PSEUDO).sum()),
+            cleansed=int((actions == CLEANSE).sum()),
+            manual_filter_status=rnd.manual_filter.status,
+            pseudo_filter_status=rnd.pseudo_filter.status if rnd.pseudo_filter is not None else "no_pseudo_labels",
+        )
+        rnd.summary["_pseudo_prob"] = pseudo_prob
+
+    def cleanse(self, rnd: CleansingRound) -> None:
+        """Build the new Y' from the actions and write it, with the verdicts, into the store."""
+        manual = self.dataset.labels()
+        new = self.store.labels.clone()
+        keep_manual, redo = rnd.actions == KEEP_MANUAL, rnd.actions == CLEANSE
+        new[keep_manual] = manual[keep_manual]
+        new[redo] = rnd.candidates[redo]
+        pseudo_prob = rnd.summary.pop("_pseudo_prob")
+        clean = self.dataset.clean_labels() if hasattr(self.dataset, "clean_labels") else None
+        if clean is not None:
+            true_noisy = (manual != clean).flatten(1).any(1)
+            precision, recall = filter_precision_recall(~rnd.manual_filter.clean, true_noisy)
+            rnd.summary.update(
+                filter_precision=precision,
+                filter_recall=recall,
+                dice_manual_vs_clean=float(label_dice(manual, clean, self.num_classes).mean()),
+                dice_pseudo_vs_clean=float(label_dice(new, clean, self.num_classes).mean()),
+                dice_pred_vs_clean=float(label_dice(rnd.prediction, clean, self.num_classes).mean()),
+            )
+            if true_noisy.any():
+                rnd.summary.update(
+                    noisy_dice_manual_vs_clean=float(label_dice(manual[true_noisy], clean[true_noisy],
+                                                                self.num_classes).mean()),
+                    noisy_dice_pseudo_vs_clean=float(label_dice(new[true_noisy], clean[true_noisy],
+                                                                self.num_classes).mean()),
+                )
+        if idist.get_world_size() > 1:
+            # every rank computed the same labels from the same gathered inputs; broadcasting rank 0's copy makes
+            # that a guarantee rather than a consequence of deterministic GMM fits
+            new = idist.broadcast(new, src=0)
+        self.store.record_round(rnd.actions, new, rnd.manual_filter.clean_prob, pseudo_prob, rnd.summary)
+
+
+class CleansingLogger:
+    """Log each round's Clean/Noisy counts and, when clean labels are known, how good the filter and Y' are;
+    optionally as TensorBoard scalars too."""
+
+    def __init__(self, summary_writer=None, log_dir: str | None = None) -> None:
+        self.writer = summary_writer
+        self.log_dir = log_dir
+        self.logger = logging.getLogger(self.__class__.__name__)
+
+    def attach(self, engine: Engine) -> None:
+        if self.writer is None and self.log_dir is not None and idist.get_rank() == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=self.log_dir)
+        engine.add_event_handler(CleansingEvents.LABELS_CLEANSED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        rnd: CleansingRound = engine.state.cleansing
+        s = rnd.summary
+        msg = (f"cleansing round {rnd.index} (epoch {rnd.epoch}): Y clean/noisy {s['manual_clean']}/{s['manual_noisy']}"
+               f", Y' clean/noisy {s['pseudo_clean']}/{s['pseudo_noisy']}; kept manual {s['kept_manual']}, kept "
+               f"pseudo {s['kept_pseudo']}, cleansed {s['cleansed']}")
+        if s["manual_filter_status"] != "ok":
+            msg += f"; GMM-1: {s['manual_filter_status']}"
+        if "filter_precision" in s:
+            msg += (f"; filter precision {s['filter_precision']:.3f} recall {s['filter_recall']:.3f}; Dice vs clean:"
+                    f" Y {s['dice_manual_vs_clean']:.3f}, Y' {s['dice_pseudo_vs_clean']:.3f}, "
+                    f"prediction {s['dice_pred_vs_clean']:.3f}")
+        self.logger.info(msg)
+        if self.writer is not None:
+            for key, value in s.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self.writer.add_scalar(f"cleansing/{key}", value, rnd.epoch)
+            self.writer.flush()
+
+
+class DiceReport:
+    """Write per-volume, per-class Dice of an evaluator's metric to a CSV and log the per-class means.
+
+    Reads the details MONAI's ``MeanDice`` keeps (``engine.state.metric_details``) and the source file names of
+    the evaluated images, so a row names the volume it scores.
+    """
+
+    def __init__(self, metric_name: str, class_names: list[str], output_file: str, image_key: str = "image") -> None:
+        self.metric_name, self.class_names, self.output_file = metric_name, list(class_names), output_file
+        self.image_key = image_key
+        self.names: list[str] = []
+        self.logger = logging.getLogger(self.__class__.__name__)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.names.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._names)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _names(self, engine: Engine) -> None:
+        for item in engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]:
+            meta = getattr(item[self.image_key], "meta", {})
+            name = meta.get("filename_or_obj", f"volume_{len(self.names)}")
+            self.names.extend(name if isinstance(name, (list, tuple)) else [name])
+
+    def __call__(self, engine: Engine) -> None:
+        import csv
+        import os
+
+        details = engine.state.metric_details.get(self.metric_name)
+        if details is None:
+            raise RuntimeError(f"metric '{self.metric_name}' kept no per-volume details (save_details=False?)")
+        scores = torch.as_tensor(details).float().cpu()
+        if scores.shape[1] != len(self.class_names):
+            raise ValueError(f"{scores.shape[1]} classes scored, but class_names has {len(self.class_names)}")
+        if idist.get_rank() != 0:
+            return
+        os.makedirs(os.path.dirname(self.output_file) or ".", exist_ok=True)
+        tmp = f"{self.output_file}.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["volume", *self.class_names, "mean"])
+            for name, row in zip(self.names, scores):
+                writer.writerow([name, *(f"{v:.4f}" for v in row.tolist()), f"{row.nanmean().item():.4f}"])
+        os.replace(tmp, self.output_file)
+        means = scores.nanmean(0)
+        text = ", ".join(f"{n} {m:.4f}" for n, m in zip(self.class_names, means.tolist()))
+        self.logger.info(f"Dice over {scores.shape[0]} volumes: {text}, mean {means.nanmean().item():.4f}")
+        self.logger.info(f"per-volume Dice written to {self.output_file}")
+        engine.state.class_dice = dict(zip(self.class_names, means.tolist()))
+
+
+class RandomStates:
+    """The random generators of this process as a checkpointable object, so a resumed run draws the same
+    augmentations and shuffles as an uninterrupted one."""
+
+    def state_dict(self) -> dict:
+        import random
+
+        import numpy as np
+
+        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        import random
+
+        import numpy as np
+
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+
+
+class TrainingState:
+    """Checkpoint the whole training state (the trainer itself included) every ``interval`` epochs, and resume
+    from the latest such checkpoint in ``save_dir`` when ``resume`` is set.
+
+    The trainer cannot be named in the config's own ``save_dict`` (it would reference itself), so it is added
+    here when the handler is attached. Files are written by Ignite's ``DiskSaver`` with ``atomic=True``: a write
+    goes to a temporary file that is renamed into place, so a kill at any moment leaves the previous checkpoint
+    readable.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, interval: int = 1, n_saved: int = 1, resume: bool = False,
+                 prefix: str = "state") -> None:
+        self.save_dir, self.save_dict, self.interval = save_dir, dict(save_dict), int(interval)
+        self.n_saved, self.resume, self.prefix = n_saved, resume, prefix
+        self.logger = logging.getLogger(self.__class__.__name__)
+
+    def latest(self) -> str | None:
+        import glob
+        import os
+        import re
+
+        files = glob.glob(os.path.join(self.save_dir, f"{self.prefix}_*.pt"))
+
+        def epoch(path):
+            m = re.search(r"_(\d+)\.pt$", path)
+            return int(m.group(1)) if m else -1
+
+        return max(files, key=epoch) if files else None
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.handlers import Checkpoint, DiskSaver
+
+        objects = {**self.save_dict, "trainer": engine, "rng": RandomStates()}
+        if self.resume:
+            path = self.latest()
+            if path is None:
+                self.logger.info(f"no {self.prefix}_*.pt in {self.save_dir}: starting from scratch")
+            else:
+                Checkpoint.load_objects(objects, torch.load(path, map_location="cpu", weights_only=False))
+                self.logger.info(f"resumed from {path} at epoch {engine.state.epoch}")
+        if idist.get_rank() == 0:
+            saver = DiskSaver(self.save_dir, require_empty=False, atomic=True)
+            checkpoint = Checkpoint(objects, saver, filename_prefix=self.prefix, n_saved=self.n_saved,
+                                    global_step_transform=lambda e, _: e.state.epoch)
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), checkpoint)

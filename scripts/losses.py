@@ -1,0 +1,79 @@
+"""Per-sample segmentation losses and the hybrid loss of Eq. 7."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from torch import nn
+
+__all__ = ["SegmentationLoss", "HybridLoss", "probabilities"]
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Sigmoid for a single output channel (binary), softmax otherwise."""
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+
+class SegmentationLoss(nn.Module):
+    """One loss value per sample, for training and for the label filter.
+
+    ``kind="dice"`` is the soft Dice of Eq. 1 averaged over the foreground classes. Under it an all-background
+    target against a confident prediction sits at a loss of about 1 with almost no gradient, so missing-label
+    noise barely moves the network. ``kind="dicece"`` adds the pixel-mean cross-entropy, under which empty targets
+    do pull the prediction towards background (the regime where noisy labels hurt, see docs/).
+
+    Args:
+        kind: ``"dice"`` or ``"dicece"``.
+        ce_weight: weight of the cross-entropy term for ``"dicece"``.
+        smooth_nr, smooth_dr: Dice smoothing terms; with the defaults a class absent from both label and
+            prediction costs about 0.
+    """
+
+    def __init__(self, kind: str = "dice", ce_weight: float = 1.0, smooth_nr: float = 1e-5,
+                 smooth_dr: float = 1e-5) -> None:
+        super().__init__()
+        if kind not in ("dice", "dicece"):
+            raise ValueError(f"unknown loss kind '{kind}': use 'dice' or 'dicece'")
+        self.kind, self.ce_weight = kind, ce_weight
+        self.binary_dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+        self.multi_dice = DiceLoss(softmax=True, to_onehot_y=True, include_background=False, reduction="none",
+                                   smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        binary = logits.shape[1] == 1
+        dice = (self.binary_dice if binary else self.multi_dice)(logits, target)
+        loss = dice.flatten(1).mean(1)
+        if self.kind == "dicece":
+            if binary:
+                ce = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none")
+            else:
+                ce = F.cross_entropy(logits, target[:, 0].long(), reduction="none")
+            loss = loss + self.ce_weight * ce.flatten(1).mean(1)
+        return loss
+
+
+class HybridLoss(nn.Module):
+    """``λ1·L(ŷ, y) + λ2·L(ŷ, y')`` (Eq. 7), one value per sample.
+
+    The target carries the manual label in channel 0 and, when pseudo-labels are in use, the pseudo-label in
+    channel 1 (see :class:`scripts.engine.HybridPrepareBatch`). The weights are set each epoch by
+    :class:`scripts.handlers.HybridLossSchedule`; with a single-channel target the loss is the plain ``L(ŷ, y)``.
+    """
+
+    def __init__(self, loss: nn.Module | None = None) -> None:
+        super().__init__()
+        self.loss = loss if loss is not None else SegmentationLoss()
+        self.lambda1, self.lambda2 = 1.0, 0.0
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.shape[1] == 1:
+            return self.loss(logits, target)
+        manual, pseudo = target[:, :1], target[:, 1:2]
+        total = torch.zeros(logits.shape[0], device=logits.device, dtype=logits.dtype)
+        # a zero weight skips its term: no wasted backward through a branch that cannot contribute
+        if self.lambda1 > 0:
+            total = total + self.lambda1 * self.loss(logits, manual)
+        if self.lambda2 > 0:
+            total = total + self.lambda2 * self.loss(logits, pseudo)
+        return total

@@ -1,0 +1,97 @@
+"""The pseudo-label store: Y', the Clean/Noisy verdicts and their history, as checkpointable training state."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["PseudoLabelStore"]
+
+
+class PseudoLabelStore:
+    """Per-sample training state of self-cleansing, indexed by the stable sample id.
+
+    Holds the pseudo-labels Y' as one (N, H, W) uint8 tensor in shared memory (so data loader workers read the
+    current labels without copies), whether each sample has a pseudo-label yet, the latest verdicts (clean
+    posteriors of the manual and of the pseudo-label) and, per cleansing round, the action taken for every sample.
+    ``state_dict``/``load_state_dict`` make it an ordinary object for Ignite's ``Checkpoint``.
+
+    Args:
+        init: how Y' starts: ``"zeros"`` (the paper: all-background images, marked as having no pseudo-label yet)
+            or ``"manual"`` (a copy of the manual labels, marked as having one).
+    """
+
+    def __init__(self, init: str = "zeros") -> None:
+        if init not in ("zeros", "manual"):
+            raise ValueError(f"unknown pseudo-label init '{init}': use 'zeros' or 'manual'")
+        self.init = init
+        self.labels = torch.zeros(0, 0, 0, dtype=torch.uint8)
+        self.has_pseudo = torch.zeros(0, dtype=torch.bool)
+        self.manual_clean_prob = torch.zeros(0)
+        self.pseudo_clean_prob = torch.zeros(0)
+        self.actions = torch.zeros(0, 0, dtype=torch.uint8)  # (rounds, N)
+        self.rounds: list[dict] = []
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def initialised(self) -> bool:
+        return len(self) > 0
+
+    def initialise(self, manual_labels: torch.Tensor) -> None:
+        """Size the store from the manual labels (N, H, W) and fill Y' as ``init`` says."""
+        n = manual_labels.shape[0]
+        if self.init == "manual":
+            labels = manual_labels.to(torch.uint8).clone()
+        else:
+            labels = torch.zeros(manual_labels.shape, dtype=torch.uint8)
+        self.labels = labels.share_memory_()
+        self.has_pseudo = torch.full((n,), self.init == "manual", dtype=torch.bool)
+        self.manual_clean_prob = torch.ones(n)
+        self.pseudo_clean_prob = torch.ones(n)
+        self.actions = torch.zeros(0, n, dtype=torch.uint8)
+        self.rounds = []
+
+    def get(self, index: int) -> torch.Tensor:
+        return self.labels[index]
+
+    def record_round(self, actions: torch.Tensor, new_labels: torch.Tensor, manual_clean_prob: torch.Tensor,
+                     pseudo_clean_prob: torch.Tensor, summary: dict) -> None:
+        """Write one round's outcome: the new Y' (in place, so workers see it), verdicts and history."""
+        if new_labels.shape != self.labels.shape:
+            raise ValueError(f"new pseudo-labels have shape {tuple(new_labels.shape)}, store has "
+                             f"{tuple(self.labels.shape)}")
+        self.labels.copy_(new_labels.to(torch.uint8))
+        self.has_pseudo[:] = True
+        self.manual_clean_prob = manual_clean_prob.float().cpu().clone()
+        self.pseudo_clean_prob = pseudo_clean_prob.float().cpu().clone()
+        self.actions = torch.cat([self.actions, actions.to(torch.uint8).cpu()[None]], 0)
+        self.rounds.append(dict(summary))
+
+    def state_dict(self) -> dict:
+        return {
+            "init": self.init,
+            "labels": self.labels.clone(),
+            "has_pseudo": self.has_pseudo.clone(),
+            "manual_clean_prob": self.manual_clean_prob.clone(),
+            "pseudo_clean_prob": self.pseudo_clean_prob.clone(),
+            "actions": self.actions.clone(),
+            "rounds": [dict(r) for r in self.rounds],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.initialised and tuple(state["labels"].shape) != tuple(self.labels.shape):
+            raise ValueError(
+                f"checkpointed pseudo-labels have shape {tuple(state['labels'].shape)}, but this data set gives "
+                f"{tuple(self.labels.shape)}: was the checkpoint made on other data?"
+            )
+        self.init = state["init"]
+        if self.initialised:
+            self.labels.copy_(state["labels"])
+        else:
+            self.labels = state["labels"].clone().share_memory_()
+        self.has_pseudo = state["has_pseudo"].clone()
+        self.manual_clean_prob = state["manual_clean_prob"].clone()
+        self.pseudo_clean_prob = state["pseudo_clean_prob"].clone()
+        self.actions = state["actions"].clone()
+        self.rounds = [dict(r) for r in state["rounds"]]
