@@ -61,6 +61,30 @@ def make_inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return features.relu(), region
 
 
+def _time_pair(naive_fn, linear_fn, reps_naive: int, reps_linear: int):
+    """Median and min seconds of each function, repetitions interleaved.
+
+    Interleaving spreads any background load on the machine over both paths instead of
+    letting it land on whichever happened to run at that moment.
+    """
+    naive_fn()
+    linear_fn()
+    per_round = max(1, reps_linear // max(1, reps_naive))
+    t_naive, t_linear = [], []
+    for _ in range(max(1, reps_naive)):
+        t0 = time.perf_counter()
+        naive_fn()
+        t_naive.append(time.perf_counter() - t0)
+        for _ in range(per_round):
+            t0 = time.perf_counter()
+            linear_fn()
+            t_linear.append(time.perf_counter() - t0)
+    return (
+        (statistics.median(t_naive), min(t_naive)),
+        (statistics.median(t_linear), min(t_linear)),
+    )
+
+
 def _time(fn, reps: int) -> tuple[float, float]:
     fn()
     times = []
@@ -113,12 +137,14 @@ def main(argv=None) -> int:
     degree = representation_degree(cells, inside)
     t_grid = _time(lambda: grid_features(feats, region, GRID), args.reps_linear)
     t_select = _time(lambda: select_prototypes(cells, degree, inside, SIGMA), args.reps_linear)
-    t_naive = _time(naive, args.reps_naive)
-    t_linear = _time(linear, args.reps_linear)
-    t_deg_naive = _time(lambda: representation_degree_naive(cells, inside), args.reps_naive)
-    t_deg_lin = _time(lambda: representation_degree(cells, inside), args.reps_linear)
-    t_score_naive = _time(lambda: prototype_score_naive(feats, protos), args.reps_naive)
-    t_score_lin = _time(lambda: prototype_score(feats, protos), args.reps_linear)
+    reps = (args.reps_naive, args.reps_linear)
+    t_naive, t_linear = _time_pair(naive, linear, *reps)
+    t_deg_naive, t_deg_lin = _time_pair(
+        lambda: representation_degree_naive(cells, inside), lambda: representation_degree(cells, inside), *reps
+    )
+    t_score_naive, t_score_lin = _time_pair(
+        lambda: prototype_score_naive(feats, protos), lambda: prototype_score(feats, protos), *reps
+    )
 
     deg_diff = _rel_diff(deg_lin64, deg_naive64)
     score_diff = _rel_diff(score_lin64, score_naive64)
@@ -132,7 +158,7 @@ def main(argv=None) -> int:
         f"M={protos.shape[0]} prototypes (sigma={SIGMA}); torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
-    print("timing: float32, same inputs; median (min) over repetitions")
+    print("timing: float32, same inputs; median (min) over repetitions, naive and linear interleaved")
     print(f"{'step':<34}{'reps':>7}{'naive ms':>18}{'linear ms':>18}{'ratio':>10}")
     rows = [
         ("representation degree (Eq. 5)", t_deg_naive, t_deg_lin),

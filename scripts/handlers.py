@@ -88,6 +88,8 @@ class SelfCleansing:
         grid, sigma, mu, component_fraction, hole_fraction: LCM parameters (K, σ, μ, post-processing).
         batch_size: slices per forward pass during the round.
         seed: seed of the GMM fits.
+        enabled: ``False`` makes :meth:`attach` a no-op (the Baseline), so configs can switch cleansing off
+            without changing the handler list.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class SelfCleansing:
         batch_size: int = 32,
         seed: int = 0,
         device: torch.device | str | None = None,
+        enabled: bool = True,
     ) -> None:
         if pseudo_source not in ("grid", "avg", "pred"):
             raise ValueError(f"unknown pseudo_source '{pseudo_source}': use 'grid', 'avg' or 'pred'")
@@ -124,9 +127,12 @@ class SelfCleansing:
         self.lcm = dict(grid=grid, sigma=sigma, mu=mu, min_fraction=component_fraction)
         self.hole_fraction = hole_fraction
         self.batch_size, self.seed, self.device = batch_size, seed, device
+        self.enabled = enabled
         self.logger = logging.getLogger(self.__class__.__name__)
 
     def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
         engine.register_events(*CleansingEvents)
         if not self.store.initialised:
             self.store.initialise(self.dataset.labels())
@@ -249,13 +255,28 @@ class SelfCleansing:
         self.store.record_round(rnd.actions, new, rnd.manual_filter.clean_prob, pseudo_prob, rnd.summary)
 
 
+def _append_csv(path: str, row: dict) -> None:
+    """Append one row, writing the header when the file is new; a resumed run keeps adding to the same file."""
+    import csv
+    import os
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
 class CleansingLogger:
     """Log each round's Clean/Noisy counts and, when clean labels are known, how good the filter and Y' are;
     optionally as TensorBoard scalars too."""
 
-    def __init__(self, summary_writer=None, log_dir: str | None = None) -> None:
+    def __init__(self, summary_writer=None, log_dir: str | None = None, csv_file: str | None = None) -> None:
         self.writer = summary_writer
         self.log_dir = log_dir
+        self.csv_file = csv_file
         self.logger = logging.getLogger(self.__class__.__name__)
 
     def attach(self, engine: Engine) -> None:
@@ -278,6 +299,8 @@ class CleansingLogger:
                     f" Y {s['dice_manual_vs_clean']:.3f}, Y' {s['dice_pseudo_vs_clean']:.3f}, "
                     f"prediction {s['dice_pred_vs_clean']:.3f}")
         self.logger.info(msg)
+        if self.csv_file is not None and idist.get_rank() == 0:
+            _append_csv(self.csv_file, {"round": rnd.index, **s})
         if self.writer is not None:
             for key, value in s.items():
                 if isinstance(value, (int, float)) and key != "epoch":
@@ -402,3 +425,23 @@ class TrainingState:
             checkpoint = Checkpoint(objects, saver, filename_prefix=self.prefix, n_saved=self.n_saved,
                                     global_step_transform=lambda e, _: e.state.epoch)
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), checkpoint)
+
+
+class MetricsHistory:
+    """After each validation, append the evaluator's metrics with the trainer's epoch and λ weights to a CSV, so a
+    run's validation curve can be read without TensorBoard. Attach to the trainer after ``ValidationHandler``."""
+
+    def __init__(self, evaluator: Engine, output_file: str) -> None:
+        self.evaluator, self.output_file = evaluator, output_file
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        metrics = getattr(self.evaluator.state, "metrics", None) or {}
+        if idist.get_rank() != 0 or not metrics:
+            return
+        row = {"epoch": engine.state.epoch, "lambda1": getattr(engine.state, "lambda1", 1.0),
+               "lambda2": getattr(engine.state, "lambda2", 0.0)}
+        row.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        _append_csv(self.output_file, row)

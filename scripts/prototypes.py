@@ -13,9 +13,11 @@ reference for tests and the benchmark (``python -m scripts.bench_lcm``).
 
 Zero-norm vectors: a cosine with a zero vector is undefined. Every vector is divided
 by ``max(||v||, EPS)``, so a zero vector becomes the zero vector and its cosine with
-anything is 0 (it neither supports nor opposes a prototype). The naive references
-divide by the same clamped norms, so both paths agree on such inputs too. Zero
-vectors occur in practice after a ReLU, and for grid cells without region pixels.
+anything is 0 (it neither supports nor opposes a prototype); a vector shorter than
+EPS is scaled rather than normalised, so its cosines fade continuously to 0 instead
+of jumping. The naive references divide by the same clamped norms, so both paths
+agree on such inputs too. Zero vectors occur in practice after a ReLU, and for grid
+cells without region pixels.
 
 Precision: inputs in float64 are kept in float64 (the naive checks use this); any
 other floating dtype (float16, bfloat16, float32) is computed in float32.
@@ -24,6 +26,7 @@ other floating dtype (float16, bfloat16, float32) is computed in float32.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from scripts.postprocess import clean_label_map
 
@@ -92,13 +95,16 @@ def grid_features(
         raise ValueError(f"region must have shape {(h, w)}, got {tuple(region.shape)}")
     if grid < 1 or h % grid or w % grid:
         raise ValueError(f"grid={grid} must be >= 1 and divide the feature size {h}x{w}")
-    sh, sw = h // grid, w // grid
+    cell = (h // grid, w // grid)
     f = _as_float(features)
-    m = region.to(device=f.device, dtype=f.dtype)
-    sums = (f * m).reshape(c, grid, sh, grid, sw).sum(dim=(2, 4))
-    counts = m.reshape(grid, sh, grid, sw).sum(dim=(1, 3))
-    cells = (sums / counts.clamp_min(1)).reshape(c, grid * grid).T.contiguous()
-    return cells, (counts > 0).reshape(-1)
+    m = region.to(device=f.device, dtype=f.dtype)[None]
+    # Cell means of f*w and of w; their ratio is Eq. 4 (the cell area cancels). Average
+    # pooling is ~3x faster on CPU than summing a (C, K, s, K, s) view over two axes.
+    weighted = F.avg_pool2d((f * m)[None], cell)[0]
+    coverage = F.avg_pool2d(m[None], cell)[0, 0]
+    inside = coverage > 0
+    cells = (weighted / torch.where(inside, coverage, torch.ones_like(coverage))).reshape(c, -1)
+    return cells.T.contiguous(), inside.reshape(-1)
 
 
 def representation_degree(cell_features: torch.Tensor, in_region: torch.Tensor) -> torch.Tensor:
@@ -112,7 +118,7 @@ def representation_degree(cell_features: torch.Tensor, in_region: torch.Tensor) 
         (G,) representation degree in the compute dtype.
     """
     f = _as_float(cell_features)
-    inside = in_region.to(f.device)
+    inside = in_region.to(device=f.device, dtype=torch.bool)
     unit = _unit(f, dim=1)
     total = unit[inside].sum(dim=0)
     return torch.where(inside, unit @ total, torch.zeros((), dtype=f.dtype, device=f.device))
@@ -121,7 +127,7 @@ def representation_degree(cell_features: torch.Tensor, in_region: torch.Tensor) 
 def representation_degree_naive(cell_features: torch.Tensor, in_region: torch.Tensor) -> torch.Tensor:
     """Reference for :func:`representation_degree` from the explicit G x G cosine matrix."""
     f = _as_float(cell_features)
-    inside = in_region.to(f.device)
+    inside = in_region.to(device=f.device, dtype=torch.bool)
     norms = _norm(f, dim=1).clamp_min(EPS)
     cos = (f @ f.T) / (norms[:, None] * norms[None, :])
     degree = (cos * inside[None, :].to(f.dtype)).sum(dim=1)
@@ -164,7 +170,7 @@ def select_prototypes(
         also the (G,) bool mask of the selected cells.
     """
     f = _as_float(cell_features)
-    inside = in_region.to(f.device)
+    inside = in_region.to(device=f.device, dtype=torch.bool)
     d = degree.to(device=f.device, dtype=f.dtype)
     selected = torch.zeros_like(inside)
     if inside.any():

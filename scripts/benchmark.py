@@ -1,0 +1,191 @@
+"""Run a grid of trainings (data set × noise level × training loss × method × seed) and tabulate B- and L-model Dice.
+
+Every cell is one ordinary bundle run (``python -m monai.bundle run training``) with the method's config and the
+cell's overrides merged, followed by two evaluations on the validation split (``configs/evaluate.json``) of the
+B-model (best validation Dice) and the L-model (last epoch). A cell whose ``result.json`` exists is never rerun, so
+an interrupted grid resumes where it stopped.
+
+    python -m scripts.benchmark --dataset_dir ../shared/data/acdc --profile cpu \\
+        --noise clean,a70b10 --losses dicece --methods baseline,self_cleansing --out runs/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# A method is a list of configs merged over configs/train.json (and the data configs).
+METHODS = {
+    "baseline": ["configs/baseline.json"],
+    "self_cleansing": [],
+    "self_cleansing_paper": ["configs/paper.json"],
+}
+# Noise levels of Sec. 3.2: the fraction of noisy slices α and the mean disk radius β.
+NOISE = {
+    "clean": None,
+    **{f"a{a}b{b}": {"alpha": a / 100, "beta": b} for a in (30, 50, 70) for b in (5, 10)},
+}
+# Scale profiles: extra configs per data set and profile.
+PROFILES = {
+    ("acdc", "cpu"): ["configs/acdc.json", "configs/acdc_cpu.json"],
+    ("acdc", "paper"): ["configs/acdc.json"],
+    ("phantom", "cpu"): ["configs/quick.json"],
+    ("phantom", "paper"): [],
+}
+
+
+def cell_name(data: str, noise: str, loss: str, method: str, seed: int) -> str:
+    return f"{data}-{noise}-{loss}-{method}-s{seed}"
+
+
+def _run(cmd: list[str], log: Path) -> float:
+    start = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"command failed ({proc.returncode}), see {log}: {' '.join(cmd)}")
+    return time.perf_counter() - start
+
+
+def _read_dice(csv_file: Path) -> dict:
+    with open(csv_file) as f:
+        rows = list(csv.DictReader(f))
+    classes = [k for k in rows[0] if k != "volume"]
+    return {c: sum(float(r[c]) for r in rows) / len(rows) for c in classes}
+
+
+def _last_round(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    keep = ("filter_precision", "filter_recall", "dice_pseudo_vs_clean", "dice_manual_vs_clean",
+            "noisy_dice_pseudo_vs_clean", "noisy_dice_manual_vs_clean")
+    return {k: float(rows[-1][k]) for k in keep if rows and rows[-1].get(k) not in (None, "")}
+
+
+def run_cell(out: Path, name: str, configs: list[str], overrides: dict, extra_args: list[str]) -> dict:
+    cell = out / name
+    result_file = cell / "result.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    cell.mkdir(parents=True, exist_ok=True)
+    override_file = cell / "overrides.json"
+    override_file.write_text(json.dumps({**overrides, "output_dir": str(cell), "ckpt_dir": str(cell / "models"),
+                                         "run_name": name}, indent=2))
+    files = ["configs/train.json", *configs, str(override_file)]
+    log = cell / "log.txt"
+    # a half-finished cell restarts from scratch: its partial checkpoints and curves must not mix into the rerun
+    for stale in ("history.csv", "cleansing_rounds.csv"):
+        (cell / stale).unlink(missing_ok=True)
+    train_cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(files), *extra_args]
+    wall = _run(train_cmd, log)
+    result = {"cell": name, "train_seconds": round(wall, 1), **overrides.get("_meta", {})}
+    for tag, ckpt in (("B", "model.pt"), ("L", "model_final.pt")):
+        eval_dir = cell / f"eval_{tag}"
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str([*files, "configs/evaluate.json"]),
+               "--eval_ckpt", str(cell / "models" / ckpt), "--eval_dir", str(eval_dir), *extra_args]
+        _run(cmd, log)
+        for cls, value in _read_dice(eval_dir / "dice_per_volume.csv").items():
+            result[f"{tag}_{cls}"] = round(value, 4)
+    result.update(_last_round(cell / "cleansing_rounds.csv"))
+    tmp = result_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, result_file)
+    return result
+
+
+def write_tables(out: Path, results: list[dict]) -> None:
+    """results.csv with every column, and results.md: one table per noise level and loss, B and L per class."""
+    if not results:
+        return
+    columns = sorted({k for r in results for k in r}, key=lambda k: (k not in ("cell", "data", "noise", "loss",
+                                                                              "method", "seed"), k))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(results)
+    classes = [k[2:] for k in results[0] if k.startswith("B_")]
+    lines = []
+    for data in sorted({r["data"] for r in results}):
+        for loss in sorted({r["loss"] for r in results}):
+            for noise in [n for n in NOISE if any(r["noise"] == n for r in results)]:
+                rows = [r for r in results if r["data"] == data and r["loss"] == loss and r["noise"] == noise]
+                if not rows:
+                    continue
+                lines += [f"\n### {data}, {noise}, loss {loss}\n",
+                          "| method | seeds | " + " | ".join(f"{c} B | {c} L" for c in classes) + " | train s |",
+                          "|---|---|" + "---|---|" * len(classes) + "---|"]
+                for method in dict.fromkeys(r["method"] for r in rows):
+                    mr = [r for r in rows if r["method"] == method]
+                    cells = []
+                    for c in classes:
+                        for tag in "BL":
+                            vals = [r[f"{tag}_{c}"] for r in mr]
+                            cells.append(f"{100 * sum(vals) / len(vals):.2f}")
+                    secs = sum(r["train_seconds"] for r in mr) / len(mr)
+                    lines.append(f"| {method} | {len(mr)} | " + " | ".join(cells) + f" | {secs:.0f} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="acdc", choices=sorted({d for d, _ in PROFILES}))
+    parser.add_argument("--dataset_dir", default=None, help="data folder (ACDC layout); default: the phantoms")
+    parser.add_argument("--profile", default="cpu", choices=sorted({p for _, p in PROFILES}))
+    parser.add_argument("--noise", default="clean,a70b10", help=f"comma list of {list(NOISE)}")
+    parser.add_argument("--losses", default="dicece", help="comma list of dice,dicece")
+    parser.add_argument("--methods", default="baseline,self_cleansing", help=f"comma list of {list(METHODS)}")
+    parser.add_argument("--seeds", default="0", help="comma list of seeds")
+    parser.add_argument("--out", default="runs/benchmark")
+    parser.add_argument("--radius_scale", type=float, default=None,
+                        help="scale of the noise disk radius (e.g. 0.5 when slices are downsampled by 2)")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="further bundle overrides, after --")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    radius_scale = args.radius_scale if args.radius_scale is not None else (0.5 if args.profile == "cpu" and
+                                                                            args.data == "acdc" else 1.0)
+    extra = [a for a in args.extra if a != "--"]
+    grid = [(n, lo, m, int(s)) for n in args.noise.split(",") for lo in args.losses.split(",")
+            for m in args.methods.split(",") for s in args.seeds.split(",")]
+    for noise, _, method, _ in grid:
+        if noise not in NOISE or method not in METHODS:
+            parser.error(f"unknown noise '{noise}' or method '{method}'")
+    results = []
+    try:
+        from tqdm import tqdm
+
+        progress = tqdm(grid, desc="benchmark", unit="cell")
+    except ImportError:  # pragma: no cover - tqdm is a requirement, but the grid must not depend on a bar
+        progress = grid
+    for noise, loss, method, seed in progress:
+        name = cell_name(args.data, noise, loss, method, seed)
+        level = NOISE[noise]
+        overrides = {
+            "seed": seed,
+            "train_loss#kind": loss,
+            "label_noise": None if level is None else {**level, "seed": seed, "radius_scale": radius_scale},
+            "_meta": {"data": args.data, "noise": noise, "loss": loss, "method": method, "seed": seed},
+        }
+        if args.dataset_dir:
+            overrides["dataset_dir"] = args.dataset_dir
+        configs = [*PROFILES[(args.data, args.profile)], *METHODS[method]]
+        if hasattr(progress, "set_postfix_str"):
+            progress.set_postfix_str(name)
+        results.append(run_cell(out, name, configs, overrides, extra))
+        write_tables(out, results)
+    print(f"results: {out / 'results.csv'}, {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
