@@ -40,6 +40,14 @@ PROFILES = {
 }
 
 
+def method_configs(method: str) -> list[str] | None:
+    """The configs of a named method, or of a variant kept in ``configs/variants/<name>.json``."""
+    if method in METHODS:
+        return METHODS[method]
+    variant = Path("configs/variants") / f"{method}.json"
+    return [str(variant)] if variant.is_file() else None
+
+
 def cell_name(data: str, noise: str, loss: str, method: str, seed: int) -> str:
     return f"{data}-{noise}-{loss}-{method}-s{seed}"
 
@@ -158,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = [(n, lo, m, int(s)) for n in args.noise.split(",") for lo in args.losses.split(",")
             for m in args.methods.split(",") for s in args.seeds.split(",")]
     for noise, _, method, _ in grid:
-        if noise not in NOISE or method not in METHODS:
+        if noise not in NOISE or method_configs(method) is None:
             parser.error(f"unknown noise '{noise}' or method '{method}'")
     results = []
     try:
@@ -178,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.dataset_dir:
             overrides["dataset_dir"] = args.dataset_dir
-        configs = [*PROFILES[(args.data, args.profile)], *METHODS[method]]
+        configs = [*PROFILES[(args.data, args.profile)], *method_configs(method)]
         if hasattr(progress, "set_postfix_str"):
             progress.set_postfix_str(name)
         results.append(run_cell(out, name, configs, overrides, extra))

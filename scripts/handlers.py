@@ -445,3 +445,89 @@ class MetricsHistory:
                "lambda2": getattr(engine.state, "lambda2", 0.0)}
         row.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         _append_csv(self.output_file, row)
+
+
+class CleansingImages:
+    """Write pictures of each cleansing round to ``output_dir`` as PNG (and to TensorBoard when a writer is given):
+    the GMM fits over the loss histograms, grid representation maps of a few cleansed samples (Fig. 3 of the
+    paper) and those samples' labels before and after cleansing (Fig. 7).
+
+    Args:
+        cleansing: the :class:`SelfCleansing` handler whose rounds are drawn (its network, data and store).
+        output_dir: folder for ``round_XX_*.png``.
+        n_examples: cleansed samples shown per round (the first ones in id order: the same slices every round
+            while they stay cleansed, so rounds can be compared).
+        every: draw every n-th round only.
+    """
+
+    def __init__(self, cleansing: SelfCleansing, output_dir: str, n_examples: int = 4, every: int = 1,
+                 class_names: list[str] | None = None, summary_writer=None) -> None:
+        self.cleansing, self.output_dir, self.n_examples, self.every = cleansing, output_dir, n_examples, every
+        self.class_names = class_names
+        self.writer = summary_writer
+
+    def attach(self, engine: Engine) -> None:
+        if not self.cleansing.enabled or idist.get_rank() != 0:
+            return
+        engine.add_event_handler(CleansingEvents.LABELS_CLEANSED, self)
+
+    def _emit(self, name: str, rgb, epoch: int) -> None:
+        import os
+
+        from scripts.figures import save_png
+
+        os.makedirs(self.output_dir, exist_ok=True)
+        save_png(rgb, os.path.join(self.output_dir, f"{name}.png"))
+        if self.writer is not None:
+            self.writer.add_image(name.split("_", 2)[-1], rgb, epoch, dataformats="HWC")
+
+    @torch.no_grad()
+    def _degree_maps(self, image: torch.Tensor, prediction: torch.Tensor) -> list[torch.Tensor]:
+        from scripts.prototypes import _effective_grid, grid_features, representation_degree
+
+        net = _unwrap(self.cleansing.network)
+        was_training = net.training
+        net.eval()
+        device = next(net.parameters()).device
+        _, feats = net.forward_features(image[None].to(device))
+        net.train(was_training)
+        feats = feats[0].float().cpu()
+        h, w = prediction.shape
+        g = _effective_grid(self.cleansing.lcm["grid"], h, w)
+        maps = []
+        for c in range(1, self.cleansing.num_classes):
+            region = prediction == c
+            cells, inside = grid_features(feats, region, g)
+            degree = representation_degree(cells, inside)
+            if inside.any():
+                d = degree[inside]
+                degree = torch.where(inside, (degree - d.min()) / (d.max() - d.min()).clamp_min(1e-12), degree)
+            maps.append(degree.reshape(g, g))
+        return maps
+
+    def __call__(self, engine: Engine) -> None:
+        from scripts.figures import gmm_figure, pseudo_label_figure, representation_figure
+
+        rnd: CleansingRound = engine.state.cleansing
+        if (rnd.index - 1) % self.every:
+            return
+        tag = f"round_{rnd.index:02d}"
+        ds = self.cleansing.dataset
+        clean = ds.clean_labels() if hasattr(ds, "clean_labels") else None
+        manual = ds.labels()
+        true_noisy = (manual != clean).flatten(1).any(1) if clean is not None else None
+        self._emit(f"{tag}_gmm_manual", gmm_figure(rnd.manual_loss, rnd.manual_filter, "GMM-1 on L(ŷ, y)",
+                                                    true_noisy), rnd.epoch)
+        ids = torch.nonzero(rnd.actions == CLEANSE).flatten()[: self.n_examples]
+        if len(ids) == 0:
+            return
+        images = torch.stack([ds.data[i]["image"][0] for i in ids.tolist()])
+        names = self.class_names or [f"class {c}" for c in range(1, self.cleansing.num_classes)]
+        first = int(ids[0])
+        self._emit(f"{tag}_representation", representation_figure(
+            images[0], self._degree_maps(ds.data[first]["image"], rnd.prediction[first].long()), names), rnd.epoch)
+        rows = {}
+        if clean is not None:
+            rows["clean"] = clean[ids]
+        rows.update({"manual": manual[ids], "prediction": rnd.prediction[ids], "pseudo (LCM)": rnd.candidates[ids]})
+        self._emit(f"{tag}_pseudo_labels", pseudo_label_figure(images, rows), rnd.epoch)

@@ -1,0 +1,288 @@
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.data import DataLoader
+from monai.transforms import Compose, LoadImaged
+
+from conftest import REPO_ROOT, load_nifti, save_nifti, write_acdc, write_msd
+from scripts.data import SliceDataset, acdc_datalist, list_volumes, msd_datalist, refuse_existing_outputs
+from scripts.store import PseudoLabelStore
+
+LOAD = Compose([LoadImaged(keys=["image", "label"], image_only=True, ensure_channel_first=True)])
+NOISE = {"alpha": 1.0, "beta": 3, "seed": 0, "radius_scale": 1.0}
+
+
+def _cases(records):
+    return sorted({Path(r["image"]).parent.name for r in records})
+
+
+# ---------------------------------------------------------------- acdc_datalist
+
+
+def test_acdc_uses_splits_file(acdc_dir):
+    train = acdc_datalist(str(acdc_dir), "train")
+    val = acdc_datalist(str(acdc_dir), "val")
+    assert _cases(train) == ["patient001", "patient002", "patient004"]
+    assert _cases(val) == ["patient003"]
+    # every frame of a case, each with its own _gt file
+    assert len(train) == 6
+    for rec in train + val:
+        assert Path(rec["image"]).is_file() and Path(rec["label"]).is_file()
+        assert rec["label"] == rec["image"].replace(".nii.gz", "_gt.nii.gz")
+        assert rec["case"] == Path(rec["image"]).name[: -len(".nii.gz")]
+    assert not any(r["image"].endswith("_gt.nii.gz") for r in train)
+
+
+def test_acdc_seeded_split_without_splits_file(acdc_dir):
+    (acdc_dir / "splits.json").unlink()
+    train, val = acdc_datalist(str(acdc_dir), "train"), acdc_datalist(str(acdc_dir), "val")
+    assert len(_cases(val)) == 1
+    assert set(_cases(train)) | set(_cases(val)) == {f"patient{i:03d}" for i in range(1, 5)}
+    assert not set(_cases(train)) & set(_cases(val))
+    assert acdc_datalist(str(acdc_dir), "val") == val
+    # another seed is free to pick another case, but must still partition the cases
+    other = acdc_datalist(str(acdc_dir), "val", seed=3)
+    assert len(_cases(other)) == 1
+
+
+def test_acdc_none_ignores_splits_file(acdc_dir):
+    # patient003 is the val case in splits.json; splits_file=None must not read it
+    (acdc_dir / "splits.json").write_text(json.dumps({"train": ["patient001"], "val": ["patient002"]}))
+    forced = acdc_datalist(str(acdc_dir), "train", splits_file=None)
+    assert len(_cases(forced)) == 3
+
+
+def test_acdc_all(acdc_dir):
+    records = acdc_datalist(str(acdc_dir), "all")
+    assert _cases(records) == [f"patient{i:03d}" for i in range(1, 5)]
+    assert len(records) == 8
+    no_label = acdc_datalist(str(acdc_dir), "all", with_label=False)
+    assert all("label" not in r for r in no_label)
+
+
+def test_acdc_missing_folder(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        acdc_datalist(str(missing))
+
+
+def test_acdc_no_patient_folders(tmp_path):
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="patientNNN") as err:
+        acdc_datalist(str(tmp_path / "data"))
+    assert str(tmp_path / "data") in str(err.value)
+
+
+def test_acdc_splits_file_names_missing_case(acdc_dir):
+    (acdc_dir / "splits.json").write_text(json.dumps({"train": ["patient001", "patient099"], "val": []}))
+    with pytest.raises(FileNotFoundError) as err:
+        acdc_datalist(str(acdc_dir), "train")
+    assert "patient099" in str(err.value) and "splits.json" in str(err.value)
+
+
+def test_acdc_missing_label_file(acdc_dir):
+    gt = acdc_dir / "patient002" / "patient002_frame12_gt.nii.gz"
+    gt.unlink()
+    with pytest.raises(FileNotFoundError, match="patient002_frame12_gt.nii.gz"):
+        acdc_datalist(str(acdc_dir), "train")
+
+
+# ---------------------------------------------------------------- msd_datalist
+
+
+def test_msd_relative_paths_resolved(msd_dir):
+    records = msd_datalist(str(msd_dir / "dataset.json"), "all")
+    assert [r["case"] for r in records] == [f"liver_{i:03d}" for i in range(5)]
+    for rec in records:
+        assert Path(rec["image"]).is_absolute() and Path(rec["image"]).is_file()
+        assert Path(rec["label"]).parent == (msd_dir / "labelsTr").resolve()
+        assert Path(rec["image"]).name == Path(rec["label"]).name
+
+
+def test_msd_seeded_split(msd_dir):
+    path = str(msd_dir / "dataset.json")
+    train, val = msd_datalist(path, "train"), msd_datalist(path, "val")
+    assert len(val) == 1 and len(train) == 4
+    assert {r["case"] for r in train} | {r["case"] for r in val} == {f"liver_{i:03d}" for i in range(5)}
+    assert msd_datalist(path, "val") == val
+
+
+def test_msd_validation_section(tmp_path):
+    root = write_msd(tmp_path / "msd", n_cases=5, validation=2)
+    path = str(root / "dataset.json")
+    val = msd_datalist(path, "val")
+    assert [r["case"] for r in val] == ["liver_003", "liver_004"]
+    # with a validation section, the whole training section trains
+    assert [r["case"] for r in msd_datalist(path, "train")] == ["liver_000", "liver_001", "liver_002"]
+
+
+def test_msd_wrong_section(msd_dir):
+    with pytest.raises(KeyError) as err:
+        msd_datalist(str(msd_dir / "dataset.json"), section="train_set")
+    assert "dataset.json" in str(err.value) and "train_set" in str(err.value)
+
+
+def test_msd_invalid_json(tmp_path):
+    bad = tmp_path / "dataset.json"
+    bad.write_text('{"training": [')
+    with pytest.raises(ValueError, match="dataset.json"):
+        msd_datalist(str(bad))
+
+
+def test_msd_entry_points_to_missing_file(msd_dir):
+    (msd_dir / "labelsTr" / "liver_001.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="liver_001.nii.gz"):
+        msd_datalist(str(msd_dir / "dataset.json"), "all")
+
+
+# ---------------------------------------------------------------- list_volumes
+
+
+def test_list_volumes_skips_labels(acdc_dir):
+    records = list_volumes(str(acdc_dir))
+    assert len(records) == 8
+    assert all(not r["image"].endswith("_gt.nii.gz") for r in records)
+    assert [r["image"] for r in records] == sorted(r["image"] for r in records)
+    assert records[0]["case"] == "patient001_frame01"
+
+
+def test_list_volumes_errors_and_json(tmp_path, msd_dir):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        list_volumes(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty"):
+        list_volumes(str(tmp_path / "empty"))
+    from_json = list_volumes(str(msd_dir / "dataset.json"))
+    assert len(from_json) == 5 and all("label" not in r for r in from_json)
+
+
+# ---------------------------------------------------------------- SliceDataset
+
+
+def _reference_slices(records):
+    """(case, slice, image, label) in datalist-then-slice order, read straight from the files."""
+    out = []
+    for rec in records:
+        image, label = load_nifti(rec["image"]), load_nifti(rec["label"])
+        for z in range(image.shape[-1]):
+            out.append((rec["case"], z, image[..., z], label[..., z]))
+    return out
+
+
+def test_slice_dataset_ids_follow_datalist_order(acdc_dir):
+    records = acdc_datalist(str(acdc_dir), "all")
+    ds = SliceDataset(records, volume_transform=LOAD)
+    ref = _reference_slices(records)
+    assert len(ds) == len(ref) == 2 * (3 + 4 + 3 + 4)
+    for i, (case, z, image, label) in enumerate(ref):
+        item = ds[i]
+        assert (item["id"], item["case"], item["slice"]) == (i, case, z)
+        assert item["image"].shape == (1, 32, 32)
+        np.testing.assert_allclose(item["image"][0].numpy(), image, rtol=1e-6)
+        np.testing.assert_array_equal(item["label"][0].numpy(), label)
+    assert ds.slice_shape == (32, 32)
+    labels = ds.labels()
+    assert labels.shape == (len(ref), 32, 32) and labels.dtype == torch.uint8
+    np.testing.assert_array_equal(labels.numpy(), np.stack([r[3] for r in ref]))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_slice_dataset_ids_survive_shuffling(acdc_dir, num_workers):
+    records = acdc_datalist(str(acdc_dir), "train")
+    ds = SliceDataset(records, volume_transform=LOAD)
+    ref = _reference_slices(records)
+    loader = DataLoader(ds, batch_size=3, shuffle=True, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(1))
+    seen = []
+    for batch in loader:
+        for k, idx in enumerate(batch["id"].tolist()):
+            seen.append(idx)
+            np.testing.assert_allclose(batch["image"][k, 0].numpy(), ref[idx][2], rtol=1e-6)
+            np.testing.assert_array_equal(batch["label"][k, 0].numpy(), ref[idx][3])
+    assert sorted(seen) == list(range(len(ref)))
+    assert seen != sorted(seen), "the loader did not shuffle, so the test proves nothing"
+
+
+def test_label_noise_changes_only_training_labels(acdc_dir):
+    records = acdc_datalist(str(acdc_dir), "train")
+    clean = SliceDataset(records, volume_transform=LOAD)
+    assert clean.clean_labels() is None
+    noisy = SliceDataset(records, volume_transform=LOAD, label_noise=NOISE, num_classes=4)
+    torch.testing.assert_close(noisy.clean_labels(), clean.labels())
+    changed = (noisy.labels() != clean.labels()).flatten(1).any(1)
+    assert changed.all(), "alpha=1 must corrupt every slice with foreground"
+    assert noisy.noise_flags.shape == (len(clean),) and (noisy.noise_flags > 0).all()
+    for i in range(len(clean)):
+        item = noisy[i]
+        assert "clean_label" not in item
+        torch.testing.assert_close(item["image"], clean[i]["image"])
+        torch.testing.assert_close(item["label"][0].to(torch.uint8), noisy.labels()[i])
+
+
+def test_label_noise_needs_num_classes(acdc_dir):
+    with pytest.raises(ValueError, match="num_classes"):
+        SliceDataset(acdc_datalist(str(acdc_dir), "train"), volume_transform=LOAD, label_noise=NOISE)
+
+
+def _train_augmentation():
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / "configs" / "train.json"))
+    return parser.get_parsed_content("train#preprocessing")
+
+
+def test_pseudo_label_moves_with_image(acdc_dir):
+    ds = SliceDataset(acdc_datalist(str(acdc_dir), "train"), volume_transform=LOAD)
+    store = PseudoLabelStore("manual")
+    store.initialise(ds.labels())
+    ds.store = store
+    ds.transform = _train_augmentation()
+    ds.transform.set_random_state(seed=0)
+    moved = 0
+    for _ in range(3):
+        for i in range(len(ds)):
+            item = ds[i]
+            assert item["pseudo"].shape == item["label"].shape == (1, 32, 32)
+            torch.testing.assert_close(torch.as_tensor(item["pseudo"]), torch.as_tensor(item["label"]))
+            moved += not torch.equal(torch.as_tensor(item["label"])[0].to(torch.uint8), ds.labels()[i])
+    assert moved > 0, "no sample was flipped or rotated, so the test proves nothing"
+
+
+def test_pseudo_label_read_from_store_by_id(acdc_dir):
+    ds = SliceDataset(acdc_datalist(str(acdc_dir), "train"), volume_transform=LOAD)
+    store = PseudoLabelStore("zeros")
+    store.initialise(ds.labels())
+    # a distinct constant per id shows which store row each sample got
+    store.labels.copy_(torch.arange(len(ds), dtype=torch.uint8)[:, None, None].expand_as(store.labels))
+    ds.store = store
+    for batch in DataLoader(ds, batch_size=4, shuffle=True, num_workers=0):
+        for k, idx in enumerate(batch["id"].tolist()):
+            assert torch.all(batch["pseudo"][k] == idx)
+
+
+# ---------------------------------------------------------------- refuse_existing_outputs
+
+
+def test_refuse_existing_outputs(tmp_path):
+    image = save_nifti(tmp_path / "in" / "case_a.nii.gz", np.zeros((4, 4, 2), np.float32))
+    records = [{"image": str(image)}]
+    out_dir = tmp_path / "out"
+    assert refuse_existing_outputs(records, str(out_dir)) == records
+    out_dir.mkdir()
+    (out_dir / "case_a_seg.nii.gz").write_bytes(b"earlier result")
+    with pytest.raises(FileExistsError, match="case_a_seg.nii.gz"):
+        refuse_existing_outputs(records, str(out_dir))
+    assert refuse_existing_outputs(records, str(out_dir), overwrite=True) == records
+
+
+def test_refuse_output_that_is_an_input(tmp_path):
+    a = save_nifti(tmp_path / "in" / "case_a.nii.gz", np.zeros((4, 4, 2), np.float32))
+    b = shutil.copy(a, tmp_path / "in" / "case_a_seg.nii.gz")
+    records = [{"image": str(a)}, {"image": str(b)}]
+    # even overwrite=True must not replace an input
+    with pytest.raises(FileExistsError, match="input"):
+        refuse_existing_outputs(records, str(tmp_path / "in"), overwrite=True)

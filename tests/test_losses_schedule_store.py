@@ -1,0 +1,291 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scripts.engine import HybridPrepareBatch
+from scripts.losses import HybridLoss, SegmentationLoss
+from scripts.metrics import label_dice
+from scripts.schedule import hybrid_weights
+from scripts.store import PseudoLabelStore
+
+
+def _target(b=3, h=16, w=16, classes=4, seed=0):
+    """Label maps with every class present, so the Dice terms are all defined."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.zeros(b, 1, h, w)
+    for i in range(b):
+        for c in range(1, classes):
+            r, col = torch.randint(0, h - 5, (2,), generator=g).tolist()
+            t[i, 0, r : r + 5, col : col + 5] = c
+    return t
+
+
+def _perfect_logits(target, classes):
+    if classes == 1:
+        return (target * 2 - 1) * 20.0
+    return F.one_hot(target[:, 0].long(), classes).permute(0, 3, 1, 2).float() * 20.0
+
+
+# ---------------------------------------------------------------- SegmentationLoss
+
+
+@pytest.mark.parametrize("kind", ["dice", "dicece"])
+@pytest.mark.parametrize("classes", [1, 4])
+def test_loss_is_per_sample_and_zero_when_perfect(kind, classes):
+    target = _target(classes=2 if classes == 1 else classes)
+    loss = SegmentationLoss(kind)(_perfect_logits(target, classes), target)
+    assert loss.shape == (3,)
+    assert torch.all(loss < 1e-3)
+
+
+@pytest.mark.parametrize("classes", [1, 4])
+def test_loss_does_not_mix_samples(classes):
+    target = _target(classes=2 if classes == 1 else classes)
+    logits = _perfect_logits(target, classes)
+    logits[1] = -logits[1]  # only sample 1 is wrong
+    fn = SegmentationLoss("dice")
+    loss = fn(logits, target)
+    assert loss[0] < 1e-3 and loss[2] < 1e-3 and loss[1] > 0.5
+    alone = torch.stack([fn(logits[i : i + 1], target[i : i + 1])[0] for i in range(3)])
+    torch.testing.assert_close(loss, alone)
+
+
+@pytest.mark.parametrize("classes", [1, 4])
+def test_dicece_exceeds_dice_when_wrong(classes):
+    target = _target(classes=2 if classes == 1 else classes)
+    wrong = -_perfect_logits(target, classes)
+    dice = SegmentationLoss("dice")(wrong, target)
+    dicece = SegmentationLoss("dicece")(wrong, target)
+    assert torch.all(dicece > dice + 1.0)
+
+
+def test_dice_ignores_background_in_multiclass():
+    # all-background target and prediction: nothing to segment, so nothing to pay
+    target = torch.zeros(2, 1, 8, 8)
+    fn = SegmentationLoss("dice")
+    assert torch.all(fn(_perfect_logits(target, 4), target) < 0.05)
+    # predicting class 1 everywhere costs that class fully: one third of the foreground mean
+    torch.testing.assert_close(fn(_perfect_logits(target + 1, 4), target), torch.full((2,), 1 / 3), atol=0.02, rtol=0)
+
+
+def test_ce_weight_scales_ce_term():
+    target = _target()
+    logits = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    dice = SegmentationLoss("dice")(logits, target)
+    ce1 = SegmentationLoss("dicece", ce_weight=1.0)(logits, target) - dice
+    ce2 = SegmentationLoss("dicece", ce_weight=2.0)(logits, target) - dice
+    torch.testing.assert_close(ce2, 2 * ce1)
+    ce = F.cross_entropy(logits, target[:, 0].long(), reduction="none").flatten(1).mean(1)
+    torch.testing.assert_close(ce1, ce)
+
+
+def test_unknown_loss_kind():
+    with pytest.raises(ValueError, match="focal"):
+        SegmentationLoss("focal")
+
+
+# ---------------------------------------------------------------- HybridLoss
+
+
+@pytest.mark.parametrize("classes", [1, 4])
+def test_hybrid_loss_weights(classes):
+    n = 2 if classes == 1 else classes
+    manual, pseudo = _target(classes=n, seed=0), _target(classes=n, seed=1)
+    logits = torch.randn(3, classes, 16, 16, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    base = SegmentationLoss("dicece")
+    hybrid = HybridLoss(base)
+    on_manual, on_pseudo = base(logits, manual), base(logits, pseudo)
+    assert not torch.allclose(on_manual, on_pseudo)
+
+    # a one-channel target is the plain loss whatever the weights
+    hybrid.lambda1, hybrid.lambda2 = 0.0, 1.0
+    torch.testing.assert_close(hybrid(logits, manual), on_manual)
+
+    both = torch.cat([manual, pseudo], 1)
+    for lam1, lam2 in [(1.0, 0.0), (0.0, 1.0), (0.3, 0.7), (0.2, 1.0)]:
+        hybrid.lambda1, hybrid.lambda2 = lam1, lam2
+        out = hybrid(logits, both)
+        assert out.shape == (3,)
+        torch.testing.assert_close(out, lam1 * on_manual + lam2 * on_pseudo)
+    out.mean().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_hybrid_loss_defaults_to_manual_only():
+    hybrid = HybridLoss()
+    assert (hybrid.lambda1, hybrid.lambda2) == (1.0, 0.0)
+    assert isinstance(hybrid.loss, SegmentationLoss)
+
+
+# ---------------------------------------------------------------- hybrid_weights (Eq. 8)
+
+
+@pytest.mark.parametrize(
+    "epoch, expected",
+    [(0, (1.0, 0.0)), (3, (1.0, 0.0)), (4, (1.0, 0.0)), (6, (0.5, 0.5)), (7, (0.25, 0.75)), (8, (0.0, 1.0)),
+     (19, (0.0, 1.0))],
+)
+def test_hybrid_weights_boundaries(epoch, expected):
+    # E1 = 4, E2 = 8, 20 epochs: before E1 manual only, linear cross-fade, from E2 pseudo only
+    lam1, lam2 = hybrid_weights(epoch, 4, 8)
+    assert lam1 == pytest.approx(expected[0]) and lam2 == pytest.approx(expected[1])
+
+
+def test_hybrid_weights_floor():
+    assert hybrid_weights(0, 4, 8, lambda1_floor=0.2) == (1.0, 0.0)
+    assert hybrid_weights(6, 4, 8, lambda1_floor=0.2) == pytest.approx((0.5, 0.5))
+    assert hybrid_weights(7, 4, 8, lambda1_floor=0.3) == pytest.approx((0.3, 0.75))
+    assert hybrid_weights(8, 4, 8, lambda1_floor=0.2) == pytest.approx((0.2, 1.0))
+    assert hybrid_weights(100, 4, 8, lambda1_floor=0.2) == pytest.approx((0.2, 1.0))
+
+
+def test_hybrid_weights_step_when_e1_equals_e2():
+    assert hybrid_weights(4, 5, 5) == (1.0, 0.0)
+    assert hybrid_weights(5, 5, 5) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("args", [(0, 8, 4, 0.0), (0, 4, 8, -0.1), (0, 4, 8, 1.5)])
+def test_hybrid_weights_rejects_bad_arguments(args):
+    with pytest.raises(ValueError):
+        hybrid_weights(*args)
+
+
+# ---------------------------------------------------------------- PseudoLabelStore
+
+
+def _manual(n=5, h=8, w=8):
+    labels = torch.zeros(n, h, w, dtype=torch.uint8)
+    for i in range(n):
+        labels[i, i : i + 3, 2:5] = 1 + i % 3
+    return labels
+
+
+def test_store_init_zeros():
+    store = PseudoLabelStore("zeros")
+    assert not store.initialised and len(store) == 0
+    store.initialise(_manual())
+    assert store.initialised and len(store) == 5
+    assert store.labels.shape == (5, 8, 8) and store.labels.dtype == torch.uint8
+    assert not store.labels.any() and not store.has_pseudo.any()
+    assert store.labels.is_shared()
+    assert store.actions.shape == (0, 5) and store.rounds == []
+
+
+def test_store_init_manual_copies():
+    manual = _manual()
+    store = PseudoLabelStore("manual")
+    store.initialise(manual)
+    assert torch.equal(store.labels, manual) and store.has_pseudo.all()
+    manual.zero_()
+    assert store.labels.any(), "the store must not alias the data set's labels"
+    assert torch.equal(store.get(1), _manual()[1])
+
+
+def test_store_unknown_init():
+    with pytest.raises(ValueError, match="random"):
+        PseudoLabelStore("random")
+
+
+def _round(store, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = len(store)
+    new = torch.randint(0, 4, store.labels.shape, generator=g, dtype=torch.uint8)
+    actions = torch.randint(0, 3, (n,), generator=g)
+    store.record_round(actions, new, torch.rand(n, generator=g), torch.rand(n, generator=g),
+                       {"epoch": seed, "cleansed": int((actions == 2).sum())})
+    return new, actions
+
+
+def test_store_record_round_in_place():
+    store = PseudoLabelStore("zeros")
+    store.initialise(_manual())
+    ptr = store.labels.data_ptr()
+    new1, act1 = _round(store, 1)
+    new2, act2 = _round(store, 2)
+    # written in place: data loader workers hold the shared buffer, not the attribute
+    assert store.labels.data_ptr() == ptr and store.labels.is_shared()
+    assert torch.equal(store.labels, new2) and store.has_pseudo.all()
+    assert torch.equal(store.actions, torch.stack([act1, act2]).to(torch.uint8))
+    assert [r["epoch"] for r in store.rounds] == [1, 2]
+    with pytest.raises(ValueError, match="shape"):
+        store.record_round(act1, new1[:, :4], torch.ones(5), torch.ones(5), {})
+
+
+def test_store_checkpoint_round_trip(tmp_path):
+    store = PseudoLabelStore("zeros")
+    store.initialise(_manual())
+    _round(store, 1)
+    _round(store, 2)
+    torch.save(store.state_dict(), tmp_path / "store.pt")
+    state = torch.load(tmp_path / "store.pt")
+
+    fresh = PseudoLabelStore("manual")
+    fresh.load_state_dict(state)
+    assert fresh.init == "zeros" and fresh.initialised
+    for key in ("labels", "has_pseudo", "manual_clean_prob", "pseudo_clean_prob", "actions"):
+        assert torch.equal(getattr(fresh, key), getattr(store, key)), key
+    assert fresh.rounds == store.rounds
+    assert fresh.labels.is_shared()
+
+    # a store already sized by its data set keeps its shared buffer when resuming
+    sized = PseudoLabelStore("zeros")
+    sized.initialise(_manual())
+    ptr = sized.labels.data_ptr()
+    sized.load_state_dict(state)
+    assert sized.labels.data_ptr() == ptr and torch.equal(sized.labels, store.labels)
+
+    # loading must copy: later rounds may not write through into the checkpointed state
+    _round(fresh, 3)
+    assert torch.equal(state["labels"], store.labels)
+
+
+def test_store_rejects_checkpoint_of_other_data():
+    store = PseudoLabelStore("zeros")
+    store.initialise(_manual())
+    other = PseudoLabelStore("zeros")
+    other.initialise(_manual(n=6))
+    with pytest.raises(ValueError, match="other data"):
+        other.load_state_dict(store.state_dict())
+
+
+# ---------------------------------------------------------------- label_dice
+
+
+def test_label_dice_crafted():
+    a = torch.zeros(4, 4, 4, dtype=torch.uint8)
+    b = torch.zeros_like(a)
+    # sample 0: class 1 on 3 vs 2 pixels, 2 shared -> 2*2/5; class 2 absent from both, so not averaged in
+    a[0, 0, :3] = 1
+    b[0, 0, :2] = 1
+    # sample 1: class 1 identical, class 2 disjoint -> mean(1, 0)
+    a[1, 1, :2] = 1
+    b[1, 1, :2] = 1
+    a[1, 3, 0] = 2
+    b[1, 3, 3] = 2
+    # sample 2: empty in both maps -> 1; sample 3: foreground in one map only -> 0
+    a[3, 2, 2] = 1
+    dice = label_dice(a, b, num_classes=3)
+    assert dice.dtype == torch.float64 and dice.shape == (4,)
+    torch.testing.assert_close(dice, torch.tensor([0.8, 0.5, 1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(label_dice(b, a, 3), dice)
+    with pytest.raises(ValueError, match="shape"):
+        label_dice(a, b[:2], 3)
+
+
+# ---------------------------------------------------------------- HybridPrepareBatch
+
+
+def test_prepare_batch_stacks_pseudo_as_channel_1():
+    image = torch.randn(2, 1, 8, 8)
+    label = torch.randint(0, 4, (2, 1, 8, 8)).float()
+    pseudo = torch.randint(0, 4, (2, 1, 8, 8)).float()
+    x, y = HybridPrepareBatch()({"image": image, "label": label, "pseudo": pseudo}, torch.device("cpu"))
+    assert torch.equal(x, image)
+    assert y.shape == (2, 2, 8, 8) and y.dtype == label.dtype
+    assert torch.equal(y[:, 0:1], label) and torch.equal(y[:, 1:2], pseudo)
+
+
+def test_prepare_batch_without_pseudo_is_default():
+    image, label = torch.randn(2, 1, 8, 8), torch.randint(0, 4, (2, 1, 8, 8)).float()
+    x, y = HybridPrepareBatch()({"image": image, "label": label}, torch.device("cpu"))
+    assert torch.equal(x, image) and torch.equal(y, label)
