@@ -251,13 +251,20 @@ def output_path(image: str, output_dir: str, postfix: str) -> Path:
 
 def refuse_existing_outputs(records: Sequence[dict], output_dir: str, postfix: str = "seg",
                             overwrite: bool = False) -> list[dict]:
-    """Stop before any work when an output would replace an input or, unless ``overwrite``, an earlier result."""
+    """Stop before any work when an output would replace an input, another output of this run or, unless
+    ``overwrite``, an earlier result."""
     inputs = {Path(r["image"]).resolve() for r in records}
     clashes = []
+    planned: dict[Path, str] = {}
     for rec in records:
         out = output_path(rec["image"], output_dir, postfix).resolve()
         if out in inputs:
             raise FileExistsError(f"output {out} would overwrite an input volume: choose another output_dir")
+        # outputs are named by file name only, so same-named inputs in different folders would overwrite each other
+        if out in planned:
+            raise FileExistsError(f"{planned[out]} and {rec['image']} would both be written to {out}: give the "
+                                  f"volumes distinct file names or run them separately")
+        planned[out] = rec["image"]
         if out.exists() and not overwrite:
             clashes.append(str(out))
     if clashes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from ignite.engine import EventEnum
+from monai.data import MetaTensor
 from monai.engines import PrepareBatch, default_prepare_batch
 
 __all__ = ["CleansingEvents", "HybridPrepareBatch"]
@@ -22,13 +23,19 @@ class HybridPrepareBatch(PrepareBatch):
     """Return ``(image, target)`` where the target stacks the manual label and, when the batch carries one, the
     pseudo-label along the channel axis, for :class:`scripts.losses.HybridLoss`.
 
-    Without a ``pseudo`` key (the Baseline, or before any store is attached) this is MONAI's default.
+    Without a ``pseudo`` key (the Baseline, or before any store is attached) this is MONAI's default. Tensors
+    are handed on as plain ``torch.Tensor``: a MetaTensor input would route every operation of the network's
+    forward and backward through Python-level meta data handling, which training does not need.
     """
 
     def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
-        image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
+        image, label = (_plain(t) for t in default_prepare_batch(batchdata, device, non_blocking, **kwargs))
         pseudo = batchdata.get("pseudo") if isinstance(batchdata, dict) else None
         if pseudo is None:
             return image, label
-        pseudo = torch.as_tensor(pseudo).to(device=device, non_blocking=non_blocking, **kwargs)
-        return image, torch.cat([torch.as_tensor(label), pseudo.to(label.dtype)], dim=1)
+        pseudo = _plain(pseudo).to(device=device, non_blocking=non_blocking, **kwargs)
+        return image, torch.cat([label, pseudo.to(label.dtype)], dim=1)
+
+
+def _plain(t):
+    return t.as_tensor() if isinstance(t, MetaTensor) else t

@@ -11,16 +11,25 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # `scripts` must import the same way whether pytest is started from the repo root or elsewhere
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+# the test machine has two cores shared with other jobs; intra-op threads spinning against them cost far more
+# than they gain on volumes this small
+torch.set_num_threads(1)
+
 ACDC_SHAPE = (32, 32)
 ACDC_FRAMES = ("frame01", "frame12")
 MSD_SHAPE = (40, 40, 3)
 MSD_AFFINE = np.diag([0.8, 0.8, 5.0, 1.0])
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end bundle runs (seconds each); part of the default run")
 
 
 def save_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
@@ -116,7 +125,8 @@ def run_bundle(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m monai.bundle ...`` from the bundle root, as a user runs it; output is captured for asserts."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("OMP_NUM_THREADS", "2")
+    # two busy cores: OpenMP threads spinning against other jobs make these tiny runs many times slower
+    env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "monai.bundle", "run", *args, "--meta_file", "configs/metadata.json",
            "--logging_file", "configs/logging.conf"]
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)

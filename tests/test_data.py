@@ -9,7 +9,7 @@ from monai.bundle import ConfigParser
 from monai.data import DataLoader
 from monai.transforms import Compose, LoadImaged
 
-from conftest import REPO_ROOT, load_nifti, save_nifti, write_acdc, write_msd
+from conftest import REPO_ROOT, load_nifti, save_nifti, write_msd
 from scripts.data import SliceDataset, acdc_datalist, list_volumes, msd_datalist, refuse_existing_outputs
 from scripts.store import PseudoLabelStore
 
@@ -286,3 +286,12 @@ def test_refuse_output_that_is_an_input(tmp_path):
     # even overwrite=True must not replace an input
     with pytest.raises(FileExistsError, match="input"):
         refuse_existing_outputs(records, str(tmp_path / "in"), overwrite=True)
+
+
+def test_refuse_two_inputs_with_one_output(tmp_path):
+    # imagesTr/x and imagesTs/x both map to out/x_seg.nii.gz: one result would silently replace the other
+    a = save_nifti(tmp_path / "imagesTr" / "x.nii.gz", np.zeros((4, 4, 2), np.float32))
+    b = save_nifti(tmp_path / "imagesTs" / "x.nii.gz", np.zeros((4, 4, 2), np.float32))
+    with pytest.raises(FileExistsError, match="x_seg.nii.gz") as err:
+        refuse_existing_outputs([{"image": str(a)}, {"image": str(b)}], str(tmp_path / "out"), overwrite=True)
+    assert "imagesTr" in str(err.value) and "imagesTs" in str(err.value)

@@ -61,7 +61,7 @@ def test_check_inputs_rejects_bad_label(tmp_path, case):
         CheckInputsd(num_classes=4)(d)
     assert "img_gt.nii.gz" in str(err.value)
     if case == "values":
-        assert "7" in str(err.value)
+        assert "7" in str(err.value).replace(str(tmp_path), "")
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -104,7 +104,7 @@ def _bbox_centre(mask):
     return (rows.min() + rows.max() + 1) / 2, (cols.min() + cols.max() + 1) / 2
 
 
-def test_crop_centres_off_centre_blob(tmp_path):
+def test_crop_centres_off_centre_blob():
     image, label = _volume(40, 48)
     label[0, 4:10, 30:40, 0] = 1  # off-centre, and in one slice only
     crop = HeartCentredCropd(keys=["image", "label"], roi_size=(16, 16))
