@@ -33,7 +33,7 @@ Residual_block_5    H/2         transposed conv 2x2, 128 -> 32, stride 2; concat
 Residual_block_6    H           residual unit [conv 3x3, 64 -> 64] at H/2, identity shortcut; then
                                 transposed conv 2x2, 64 -> 16, stride 2, + norm, + act       -> f (16)
 Conv_2              H           concat act(f) with e0 -> 32 channels; conv 3x3, 32 -> 32; conv 3x3,
-                                32 -> max(2, out_channels); conv 1x1 -> out_channels (no norm, no act)
+                                32 -> head (2, or 4 x out_channels); conv 1x1 -> out_channels (no norm, no act)
 (Sigmoid)                       not applied: ``forward`` returns logits
 ==================  ==========  ==========================================================================
 
@@ -45,8 +45,10 @@ before the up-sampling, mirroring RB4/RB5 where the up-sampling comes first.
 
 The paper's output is "Conv 1x1, 1; Sigmoid" for binary segmentation. Here the 1x1 conv has ``out_channels``
 outputs and no activation: losses and post-processing apply sigmoid (one channel) or softmax (several channels),
-which is numerically safer than taking logs of probabilities. The 2-channel conv before it becomes
-``max(2, out_channels)`` channels so that the multi-class head is not squeezed through two channels.
+which is numerically safer than taking logs of probabilities. The 2-channel conv before it keeps 2 channels for
+a binary (one-channel) output and becomes ``4 * out_channels`` channels for a multi-class one (``head_channels``
+overrides): with only ``out_channels`` ReLU channels the 4-class head learned so slowly on ACDC that training on
+noisy labels settled on predicting background everywhere.
 
 Feature map for label cleansing
 -------------------------------
@@ -194,6 +196,7 @@ class ResidualUNet(nn.Module):
         act="relu",
         dropout: float = 0.0,
         features_pre_activation: bool = True,
+        head_channels: int | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -225,10 +228,13 @@ class ResidualUNet(nn.Module):
         if hasattr(self.residual_block_6_act, "inplace"):
             # An in-place activation would overwrite the pre-activation features handed out to the caller.
             self.residual_block_6_act.inplace = False
+        # the table's two-channel bottleneck serves a one-channel sigmoid output; a C-class softmax squeezed
+        # through C ReLU channels learned so slowly that, on noisy labels, it settled on all-background
+        head = int(head_channels) if head_channels is not None else (2 if out_channels == 1 else 4 * out_channels)
         self.conv_2 = nn.Sequential(
             _conv(spatial_dims, 2 * c0, 2 * c0, 3, norm, act),
-            _conv(spatial_dims, 2 * c0, max(2, out_channels), 3, norm, act),
-            Convolution(spatial_dims, max(2, out_channels), out_channels, kernel_size=1, conv_only=True, bias=True),
+            _conv(spatial_dims, 2 * c0, head, 3, norm, act),
+            Convolution(spatial_dims, head, out_channels, kernel_size=1, conv_only=True, bias=True),
         )
 
     def _check_input(self, x: torch.Tensor) -> None:
