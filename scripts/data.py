@@ -185,10 +185,15 @@ class SliceDataset(Dataset):
         self.keys = tuple(keys)
         self.store = store
         samples = []
+        self.volume_info: list[dict] = []
         for rec in self.volumes:
             vol = apply_transform(volume_transform, dict(rec)) if volume_transform is not None else dict(rec)
             arrays = {k: torch.as_tensor(np.asarray(vol[k])) for k in self.keys}
             n_slices = arrays[self.keys[0]].shape[slice_axis]
+            meta = getattr(vol[self.keys[0]], "meta", {})
+            # where the slices came from, so per-slice results can be written back into the source volume
+            self.volume_info.append({"record": rec, "first_id": len(samples), "n_slices": n_slices,
+                                     "crop_origin": meta.get("crop_origin"), "crop_size": meta.get("crop_size")})
             for z in range(n_slices):
                 sample = {"id": len(samples), "case": rec.get("case", str(rec["image"])), "slice": z}
                 for k in self.keys:

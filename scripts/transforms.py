@@ -128,6 +128,7 @@ class HeartCentredCropd(MapTransform):
             if isinstance(arr, MetaTensor):
                 out = MetaTensor(out, meta=dict(arr.meta))
                 out.meta["crop_origin"] = (y0, x0)
+                out.meta["crop_size"] = (h, w)
             d[key] = out
         return d
 
