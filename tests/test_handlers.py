@@ -1,0 +1,198 @@
+"""The cleansing round as Ignite handlers: the cascade on a first round, events, training state, audit, noisy copy."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine, Events
+
+from scripts.data import SliceDataset, acdc_datalist
+from scripts.engine import CleansingEvents, HybridPrepareBatch
+from scripts.filtering import CLEANSE, KEEP_MANUAL, KEEP_PSEUDO
+from scripts.handlers import CleansingRound, HybridLossSchedule, SelfCleansing
+from scripts.losses import HybridLoss, SegmentationLoss
+from scripts.network import ResidualUNet
+from scripts.store import PseudoLabelStore
+
+
+def disc_volume(n_slices: int, size: int = 32, seed: int = 0):
+    """A bright disc (label 1) on noise in every slice, radius varying by slice."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    image = rng.normal(0, 0.1, (1, size, size, n_slices)).astype(np.float32)
+    label = np.zeros((1, size, size, n_slices), dtype=np.uint8)
+    for z in range(n_slices):
+        r = 5 + z % 4
+        disc = (yy - size // 2) ** 2 + (xx - size // 2) ** 2 <= r * r
+        image[0, disc, z] += 1.0
+        label[0, disc, z] = 1
+    return image, label
+
+
+def toy_dataset(n_volumes: int = 3, n_slices: int = 8, missing: tuple = ()) -> SliceDataset:
+    records = []
+    for v in range(n_volumes):
+        image, label = disc_volume(n_slices, seed=v)
+        records.append({"image": image, "label": label, "case": f"case{v}"})
+    ds = SliceDataset(records)
+    if missing:
+        labels = ds.labels().clone()
+        labels[list(missing)] = 0  # simulated missing-label noise, clean labels kept
+        ds.set_labels(labels)
+    return ds
+
+
+class ConstantNetwork(torch.nn.Module):
+    """Predicts the clean disc of every slice confidently, whatever the input."""
+
+    def __init__(self, dataset: SliceDataset):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.maps = torch.stack([s["clean_label"] if "clean_label" in s else s["label"] for s in dataset.data])
+        self.index = {}
+
+    def forward_features(self, x):
+        idx = [self.index[round(float(v), 2)] for v in x.flatten(1).sum(1)]
+        fg = self.maps[idx].float()
+        logits = torch.cat([-8 * fg + 4, 8 * fg - 4], 1) + self.weight
+        return logits, torch.cat([fg, 1 - fg], 1) + 0.01 * torch.randn_like(fg)
+
+    def forward(self, x):
+        return self.forward_features(x)[0]
+
+
+def constant_network(ds):
+    net = ConstantNetwork(ds)
+    net.index = {round(float(s["image"].sum()), 2): i for i, s in enumerate(ds.data)}
+    return net
+
+
+@pytest.mark.parametrize("unlabelled_as_noisy", [True, False])
+def test_first_round_with_all_zero_pseudo_labels(unlabelled_as_noisy):
+    missing = (1, 5, 9, 13, 17, 21)
+    ds = toy_dataset(missing=missing)
+    store = PseudoLabelStore("zeros")
+    handler = SelfCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, grid=32,
+                            pseudo_source="pred", unlabelled_as_noisy=unlabelled_as_noisy)
+    store.initialise(ds.labels())
+    rnd = CleansingRound(epoch=1, index=1)
+    handler.collect(rnd)
+    handler.filter(rnd)
+    handler.cleanse(rnd)
+    noisy = torch.zeros(len(ds), dtype=torch.bool)
+    noisy[list(missing)] = True
+    # the filter finds exactly the slices whose label went missing
+    assert torch.equal(~rnd.manual_filter.clean, noisy)
+    assert (rnd.actions[~noisy] == KEEP_MANUAL).all()
+    if unlabelled_as_noisy:
+        assert (rnd.actions[noisy] == CLEANSE).all()
+        # cleansed with the prediction: the pseudo-labels of the missing slices are the clean discs again
+        assert torch.equal(store.labels, ds.clean_labels())
+        assert rnd.summary["dice_pseudo_vs_clean"] == pytest.approx(1.0)
+    else:
+        # the paper read literally: every pseudo loss is equal, GMM-2 calls all Clean, the empty targets stay
+        assert rnd.pseudo_filter.status == "constant_losses"
+        assert (rnd.actions[noisy] == KEEP_PSEUDO).all()
+        assert store.labels[noisy].sum() == 0
+    assert store.has_pseudo.all() and store.actions.shape == (1, len(ds))
+
+
+def test_refresh_recleanses_noisy_slices_every_round():
+    ds = toy_dataset(missing=(2, 3))
+    store = PseudoLabelStore("zeros")
+    handler = SelfCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, grid=32,
+                            pseudo_source="pred", refresh=True)
+    store.initialise(ds.labels())
+    for index in (1, 2):
+        rnd = CleansingRound(epoch=index, index=index)
+        handler.collect(rnd)
+        handler.filter(rnd)
+        handler.cleanse(rnd)
+    # in round 2 the pseudo-labels of the noisy slices are Clean for GMM-2, yet refresh cleanses them again
+    assert (rnd.actions[[2, 3]] == CLEANSE).all()
+
+
+def test_round_fires_events_in_order_and_updates_store_during_training():
+    torch.manual_seed(0)
+    ds = toy_dataset(n_volumes=2, n_slices=8)
+    net = ResidualUNet(out_channels=2)
+    store = PseudoLabelStore("zeros")
+    loss = HybridLoss(SegmentationLoss("dicece"))
+    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+    prepare = HybridPrepareBatch()
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True)
+
+    def step(engine, batch):
+        x, y = prepare(batch)
+        optimizer.zero_grad()
+        value = loss(net(x), y).mean()
+        value.backward()
+        optimizer.step()
+        engine.state.targets_channels = y.shape[1]
+        return value.item()
+
+    trainer = Engine(step)
+    HybridLossSchedule(loss, e1=1, e2=2).attach(trainer)
+    SelfCleansing(net, ds, store, num_classes=2, start_epoch=1, interval=1, grid=32, batch_size=8).attach(trainer)
+    fired = []
+    for event in CleansingEvents:
+        trainer.add_event_handler(event, lambda e, ev=event: fired.append(ev))
+    channels = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: channels.append(e.state.targets_channels))
+    trainer.run(loader, max_epochs=3)
+    assert fired == list(CleansingEvents) * 3
+    assert len(store.rounds) == 3 and store.has_pseudo.all()
+    # the store was attached to the data set: batches carried the pseudo-label as a second target channel
+    assert channels == [2, 2, 2]
+    assert trainer.state.lambda2 == 1.0 and loss.lambda1 == 0.0
+
+
+def test_audit_writes_verdicts_and_volumes_in_source_geometry(acdc_dir, tmp_path):
+    from monai.transforms import Compose, LoadImaged
+
+    from scripts.audit import run_audit
+    from scripts.transforms import HeartCentredCropd
+
+    transform = Compose([LoadImaged(["image", "label"], image_only=True, ensure_channel_first=True),
+                         HeartCentredCropd(["image", "label"], roi_size=(24, 24))])
+    records = acdc_datalist(str(acdc_dir), "all")
+    ds = SliceDataset(records, volume_transform=transform)
+    net = ResidualUNet(out_channels=4)
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)
+    out = run_audit(net, ds, str(ckpt), str(tmp_path / "audit"), num_classes=4, grid=24)
+    rows = (out / "audit.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + len(ds)
+    for rec in records:
+        name = rec["label"].split("/")[-1].split(".nii")[0]
+        written = nib.load(str(out / f"{name}_cleansed.nii.gz"))
+        source = nib.load(rec["label"])
+        assert written.shape == source.shape
+        np.testing.assert_allclose(written.affine, source.affine)
+    with pytest.raises(FileExistsError, match="not empty"):
+        run_audit(net, ds, str(ckpt), str(out), num_classes=4, grid=24)
+
+
+def test_noisy_copy_keeps_clean_labels_and_flags(acdc_dir, tmp_path):
+    from scripts.make_noisy import make_noisy_copy
+
+    dst = make_noisy_copy(str(acdc_dir), str(tmp_path / "noisy"), alpha=1.0, beta=4, seed=0)
+    info = json.loads((dst / "noise.json").read_text())
+    train_cases = {r["case"] for r in acdc_datalist(str(acdc_dir), "train")}
+    assert set(info["flags"]) == train_cases
+    for case, flags in info["flags"].items():
+        patient = case.split("_")[0]
+        noisy = np.asarray(nib.load(str(dst / patient / f"{case}_gt.nii.gz")).dataobj)
+        clean = np.asarray(nib.load(str(dst / patient / f"{case}_gt_clean.nii.gz")).dataobj)
+        original = np.asarray(nib.load(str(acdc_dir / patient / f"{case}_gt.nii.gz")).dataobj)
+        np.testing.assert_array_equal(clean, original)
+        for z, flag in enumerate(flags):
+            changed = not np.array_equal(noisy[..., z], clean[..., z])
+            # α = 1: every slice with foreground is noisy; a flag says how, and only flagged slices changed
+            assert changed == (flag != 0) or (flag == 2 and not changed and clean[..., z].any())
+    with pytest.raises(FileExistsError):
+        make_noisy_copy(str(acdc_dir), str(dst), alpha=0.5, beta=4)
