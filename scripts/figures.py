@@ -80,7 +80,10 @@ def pseudo_label_figure(images: torch.Tensor, rows: dict[str, torch.Tensor]) -> 
         for c in range(n):
             ax = axes[r, c]
             ax.imshow(images[c].numpy(), cmap="gray")
-            ax.imshow(maps[c].numpy(), cmap=LABEL_COLOURS, vmin=0, vmax=3, interpolation="nearest")
+            lab = maps[c].numpy()
+            ax.imshow(np.where(lab == 255, 0, lab), cmap=LABEL_COLOURS, vmin=0, vmax=3, interpolation="nearest")
+            if (lab == 255).any():  # unsupervised pixels of an agreement pseudo-label, hatched grey
+                ax.imshow(np.ma.masked_where(lab != 255, lab), cmap="Greys", vmin=0, vmax=400, alpha=0.6)
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:

@@ -16,7 +16,7 @@ from ignite.engine import Engine, Events
 
 from scripts.engine import CleansingEvents
 from scripts.filtering import CLEANSE, KEEP_MANUAL, KEEP_PSEUDO, FilterResult, cascade, filter_precision_recall, gmm_filter
-from scripts.losses import HybridLoss, SegmentationLoss
+from scripts.losses import IGNORE_INDEX, HybridLoss, SegmentationLoss
 from scripts.metrics import label_dice
 from scripts.prototypes import cleanse_batch
 from scripts.schedule import hybrid_weights
@@ -85,6 +85,9 @@ class SelfCleansing:
             so a manual-Noisy sample would keep an empty target forever.
         refresh: re-cleanse every manual-Noisy sample each round, ignoring GMM-2, so early pseudo-labels made by a
             weak network do not freeze.
+        agreement: keep a cleansed slice's pseudo-label only where it agrees with the manual label and mark the
+            other pixels unsupervised (``IGNORE_INDEX``), so a slice judged noisy still teaches what its
+            annotator and the network agree on, and its contested pixels teach nothing rather than a guess.
         grid, sigma, mu, component_fraction, hole_fraction: LCM parameters (K, σ, μ, post-processing).
         batch_size: slices per forward pass during the round.
         seed: seed of the GMM fits.
@@ -105,6 +108,7 @@ class SelfCleansing:
         pseudo_source: str = "grid",
         unlabelled_as_noisy: bool = True,
         refresh: bool = False,
+        agreement: bool = False,
         grid: int = 64,
         sigma: float = 0.7,
         mu: float = 0.7,
@@ -123,7 +127,7 @@ class SelfCleansing:
         self.num_classes, self.start_epoch, self.interval = int(num_classes), int(start_epoch), int(interval)
         self.filter_loss = filter_loss if filter_loss is not None else SegmentationLoss("dice")
         self.use_filter, self.pseudo_source = use_filter, pseudo_source
-        self.unlabelled_as_noisy, self.refresh = unlabelled_as_noisy, refresh
+        self.unlabelled_as_noisy, self.refresh, self.agreement = unlabelled_as_noisy, refresh, agreement
         self.lcm = dict(grid=grid, sigma=sigma, mu=mu, min_fraction=component_fraction)
         self.hole_fraction = hole_fraction
         self.batch_size, self.seed, self.device = batch_size, seed, device
@@ -228,7 +232,10 @@ class SelfCleansing:
         new = self.store.labels.clone()
         keep_manual, redo = rnd.actions == KEEP_MANUAL, rnd.actions == CLEANSE
         new[keep_manual] = manual[keep_manual]
-        new[redo] = rnd.candidates[redo]
+        cand = rnd.candidates[redo]
+        if self.agreement:
+            cand = torch.where(cand == manual[redo], cand, torch.full_like(cand, IGNORE_INDEX))
+        new[redo] = cand
         pseudo_prob = rnd.summary.pop("_pseudo_prob")
         clean = self.dataset.clean_labels() if hasattr(self.dataset, "clean_labels") else None
         if clean is not None:

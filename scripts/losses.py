@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
-__all__ = ["SegmentationLoss", "HybridLoss", "probabilities"]
+__all__ = ["SegmentationLoss", "HybridLoss", "probabilities", "IGNORE_INDEX"]
+
+IGNORE_INDEX = 255  # label value of pixels without supervision (uint8 pseudo-labels)
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -28,28 +30,50 @@ class SegmentationLoss(nn.Module):
         ce_weight: weight of the cross-entropy term for ``"dicece"``.
         smooth_nr, smooth_dr: Dice smoothing terms; with the defaults a class absent from both label and
             prediction costs about 0.
+        ignore_index: target value of pixels that carry no supervision (pseudo-labels mark contested pixels so);
+            they are left out of both the Dice and the cross-entropy term.
     """
 
     def __init__(self, kind: str = "dice", ce_weight: float = 1.0, smooth_nr: float = 1e-5,
-                 smooth_dr: float = 1e-5) -> None:
+                 smooth_dr: float = 1e-5, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         if kind not in ("dice", "dicece"):
             raise ValueError(f"unknown loss kind '{kind}': use 'dice' or 'dicece'")
-        self.kind, self.ce_weight = kind, ce_weight
+        self.kind, self.ce_weight, self.ignore_index = kind, ce_weight, ignore_index
         self.binary_dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr)
         self.multi_dice = DiceLoss(softmax=True, to_onehot_y=True, include_background=False, reduction="none",
                                    smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+        # the same Dice on probabilities and one-hot targets that were zeroed where the target is ignored
+        self.masked_dice = DiceLoss(include_background=False, reduction="none", smooth_nr=smooth_nr,
+                                    smooth_dr=smooth_dr)
+        self.masked_binary_dice = DiceLoss(reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         binary = logits.shape[1] == 1
-        dice = (self.binary_dice if binary else self.multi_dice)(logits, target)
+        ignored = target == self.ignore_index
+        if not ignored.any():
+            dice = (self.binary_dice if binary else self.multi_dice)(logits, target)
+            valid = None
+        else:
+            valid = (~ignored).float()
+            target = target.masked_fill(ignored, 0)
+            probs = probabilities(logits)
+            if binary:
+                dice = self.masked_binary_dice(probs * valid, target * valid)
+            else:
+                onehot = F.one_hot(target[:, 0].long(), logits.shape[1]).movedim(-1, 1).to(probs.dtype)
+                dice = self.masked_dice(probs * valid, onehot * valid)
         loss = dice.flatten(1).mean(1)
         if self.kind == "dicece":
             if binary:
                 ce = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none")
             else:
-                ce = F.cross_entropy(logits, target[:, 0].long(), reduction="none")
-            loss = loss + self.ce_weight * ce.flatten(1).mean(1)
+                ce = F.cross_entropy(logits, target[:, 0].long(), reduction="none")[:, None]
+            if valid is None:
+                ce = ce.flatten(1).mean(1)
+            else:
+                ce = (ce * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)
+            loss = loss + self.ce_weight * ce
         return loss
 
 

@@ -196,3 +196,38 @@ def test_noisy_copy_keeps_clean_labels_and_flags(acdc_dir, tmp_path):
             assert changed == (flag != 0) or (flag == 2 and not changed and clean[..., z].any())
     with pytest.raises(FileExistsError):
         make_noisy_copy(str(acdc_dir), str(dst), alpha=0.5, beta=4)
+
+
+@pytest.mark.parametrize("kind", ["dice", "dicece"])
+@pytest.mark.parametrize("channels", [1, 4])
+def test_ignored_pixels_carry_neither_loss_nor_gradient(kind, channels):
+    torch.manual_seed(0)
+    logits = torch.randn(2, channels, 16, 16, requires_grad=True)
+    target = torch.randint(0, max(2, channels), (2, 1, 16, 16)).float()
+    target[:, :, :8] = 255
+    loss = SegmentationLoss(kind)
+    value = loss(logits, target)
+    value.sum().backward()
+    assert torch.isfinite(value).all()
+    assert logits.grad[:, :, :8].abs().max() == 0 and logits.grad[:, :, 8:].abs().max() > 0
+    changed = logits.detach().clone()
+    changed[:, :, :8] += 5.0
+    assert torch.allclose(loss(changed, target), value.detach())
+
+
+def test_agreement_marks_contested_pixels_unsupervised():
+    missing = (1, 5, 9, 13, 17, 21)
+    ds = toy_dataset(missing=missing)
+    store = PseudoLabelStore("zeros")
+    handler = SelfCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, grid=32,
+                            pseudo_source="pred", agreement=True)
+    store.initialise(ds.labels())
+    rnd = CleansingRound(epoch=1, index=1)
+    handler.collect(rnd)
+    handler.filter(rnd)
+    handler.cleanse(rnd)
+    clean = ds.clean_labels()
+    for i in missing:
+        # the manual label says background, the prediction says disc: the disc is left unsupervised
+        assert torch.equal(store.labels[i] == 255, clean[i] == 1)
+        assert (store.labels[i][clean[i] == 0] == 0).all()
