@@ -71,18 +71,24 @@ def constant_network(ds):
     return net
 
 
-@pytest.mark.parametrize("unlabelled_as_noisy", [True, False])
-def test_first_round_with_all_zero_pseudo_labels(unlabelled_as_noisy):
-    missing = (1, 5, 9, 13, 17, 21)
+def first_round(missing: tuple, **kwargs):
+    """One cleansing round on the toy set with the given slices' labels removed, cleansed by prediction."""
     ds = toy_dataset(missing=missing)
     store = PseudoLabelStore("zeros")
     handler = SelfCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, grid=32,
-                            pseudo_source="pred", unlabelled_as_noisy=unlabelled_as_noisy)
+                            pseudo_source="pred", **kwargs)
     store.initialise(ds.labels())
     rnd = CleansingRound(epoch=1, index=1)
     handler.collect(rnd)
     handler.filter(rnd)
     handler.cleanse(rnd)
+    return ds, store, rnd
+
+
+@pytest.mark.parametrize("unlabelled_as_noisy", [True, False])
+def test_first_round_with_all_zero_pseudo_labels(unlabelled_as_noisy):
+    missing = (1, 5, 9, 13, 17, 21)
+    ds, store, rnd = first_round(missing, unlabelled_as_noisy=unlabelled_as_noisy)
     noisy = torch.zeros(len(ds), dtype=torch.bool)
     noisy[list(missing)] = True
     # the filter finds exactly the slices whose label went missing
@@ -217,15 +223,7 @@ def test_ignored_pixels_carry_neither_loss_nor_gradient(kind, channels):
 
 def test_agreement_marks_contested_pixels_unsupervised():
     missing = (1, 5, 9, 13, 17, 21)
-    ds = toy_dataset(missing=missing)
-    store = PseudoLabelStore("zeros")
-    handler = SelfCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, grid=32,
-                            pseudo_source="pred", agreement=True)
-    store.initialise(ds.labels())
-    rnd = CleansingRound(epoch=1, index=1)
-    handler.collect(rnd)
-    handler.filter(rnd)
-    handler.cleanse(rnd)
+    ds, store, _ = first_round(missing, agreement=True)
     clean = ds.clean_labels()
     for i in missing:
         # the manual label says background, the prediction says disc: the disc is left unsupervised
