@@ -425,7 +425,13 @@ class TrainingState:
             if path is None:
                 self.logger.info(f"no {self.prefix}_*.pt in {self.save_dir}: starting from scratch")
             else:
+                max_epochs = engine.state.max_epochs
                 Checkpoint.load_objects(objects, torch.load(path, map_location="cpu", weights_only=False))
+                # the checkpoint carries the old run's max_epochs; the run being resumed decides how far to go
+                if max_epochs is not None and engine.state.epoch >= max_epochs:
+                    raise ValueError(f"{path} is at epoch {engine.state.epoch}, the run asks for {max_epochs} "
+                                     f"epochs: nothing to resume (raise --epochs to train further)")
+                engine.state.max_epochs = max_epochs
                 self.logger.info(f"resumed from {path} at epoch {engine.state.epoch}")
         if idist.get_rank() == 0:
             saver = DiskSaver(self.save_dir, require_empty=False, atomic=True)

@@ -272,3 +272,24 @@ def test_unexpected_label_value_is_named(small_phantom, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if gt.name in line and "7" in line.replace(str(gt), "")]
     assert lines, proc.stderr[-4000:]
     assert not (tmp_path / "work" / "models" / "model_final.pt").exists()
+
+
+def test_resume_continues_with_the_store(phantom, tmp_path):
+    """A run stopped after epoch 2 and resumed to epoch 3 ends in the state of a 3-epoch run's bookkeeping:
+    the epoch counter, the store's rounds and verdict history continue instead of starting over."""
+    work = tmp_path / "resumed"
+    _ok(_train(phantom, work, "configs/quick.json", epochs=2))
+    first = _state(work / "runs")
+    epoch = lambda state: state["trainer"]["iteration"] // state["trainer"]["epoch_length"]  # noqa: E731
+    assert epoch(first) == 2 and len(first["store"]["rounds"]) == 2
+    _ok(run_bundle("training", "--config_file", str(["configs/train.json", "configs/quick.json"]),
+                   "--bundle_root", str(work), "--dataset_dir", str(phantom), "--data_root", str(phantom),
+                   "--output_dir", str(work / "runs"), "--ckpt_dir", str(work / "models"), "--patch_size", PATCH,
+                   "--epochs", "3", *SHORT, "--resume", "true"))
+    second = _state(work / "runs")
+    assert epoch(second) == 3 and second["trainer"]["max_epochs"] == 3
+    store = second["store"]
+    assert len(store["rounds"]) == 3 and store["actions"].shape[0] == 3
+    # the history up to the interruption is the one the first run wrote
+    assert torch.equal(store["actions"][:2], first["store"]["actions"])
+    assert [r["epoch"] for r in store["rounds"]] == [1, 2, 3]
