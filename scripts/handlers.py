@@ -441,23 +441,34 @@ class TrainingState:
 
 
 class MetricsHistory:
-    """After each validation, append the evaluator's metrics with the trainer's epoch and λ weights to a CSV, so a
-    run's validation curve can be read without TensorBoard. Attach to the trainer after ``ValidationHandler``."""
+    """One line per epoch on the console and in a CSV: the mean training loss, the evaluator's metrics and the λ
+    weights, so a run's curves can be read without TensorBoard. Attach to the trainer after
+    ``ValidationHandler``."""
 
-    def __init__(self, evaluator: Engine, output_file: str) -> None:
-        self.evaluator, self.output_file = evaluator, output_file
+    def __init__(self, evaluator: Engine, output_file: str, output_key: str = "loss") -> None:
+        self.evaluator, self.output_file, self.output_key = evaluator, output_file, output_key
+        self.losses: list[float] = []
+        self.logger = logging.getLogger(self.__class__.__name__)
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.losses.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _collect(self, engine: Engine) -> None:
+        output = engine.state.output
+        item = output[0] if isinstance(output, list) else output
+        self.losses.append(float(item[self.output_key]))
 
     def __call__(self, engine: Engine) -> None:
         metrics = getattr(self.evaluator.state, "metrics", None) or {}
-        if idist.get_rank() != 0 or not metrics:
-            return
-        row = {"epoch": engine.state.epoch, "lambda1": getattr(engine.state, "lambda1", 1.0),
-               "lambda2": getattr(engine.state, "lambda2", 0.0)}
+        row = {"epoch": engine.state.epoch, "train_loss": sum(self.losses) / max(1, len(self.losses)),
+               "lambda1": getattr(engine.state, "lambda1", 1.0), "lambda2": getattr(engine.state, "lambda2", 0.0)}
         row.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        _append_csv(self.output_file, row)
+        text = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "lambda1", "lambda2"))
+        self.logger.info(f"epoch {engine.state.epoch}/{engine.state.max_epochs}: {text}")
+        if idist.get_rank() == 0:
+            _append_csv(self.output_file, row)
 
 
 class CleansingImages:
@@ -544,3 +555,24 @@ class CleansingImages:
             rows["clean"] = clean[ids]
         rows.update({"manual": manual[ids], "prediction": rnd.prediction[ids], "pseudo (LCM)": rnd.candidates[ids]})
         self._emit(f"{tag}_pseudo_labels", pseudo_label_figure(images, rows), rnd.epoch)
+
+
+class TrainingProgress:
+    """A progress bar over each epoch's iterations showing the running loss (Ignite's ``ProgressBar``, attached
+    with an output transform, which a handler list cannot pass on its own)."""
+
+    def __init__(self, output_key: str = "loss", persist: bool = False) -> None:
+        self.output_key, self.persist = output_key, persist
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.handlers import ProgressBar
+
+        if idist.get_rank() != 0:
+            return
+        key = self.output_key
+
+        def loss_of(output):
+            item = output[0] if isinstance(output, list) else output
+            return {key: float(item[key])}
+
+        ProgressBar(persist=self.persist).attach(engine, output_transform=loss_of)
