@@ -16,7 +16,7 @@ from ignite.engine import Engine, Events
 
 from scripts.engine import CleansingEvents
 from scripts.filtering import CLEANSE, KEEP_MANUAL, KEEP_PSEUDO, FilterResult, cascade, filter_precision_recall, gmm_filter
-from scripts.losses import IGNORE_INDEX, HybridLoss, SegmentationLoss
+from scripts.losses import IGNORE_INDEX, HybridLoss, SegmentationLoss, probabilities
 from scripts.metrics import label_dice
 from scripts.prototypes import cleanse_batch
 from scripts.schedule import hybrid_weights
@@ -55,6 +55,7 @@ class CleansingRound:
     pseudo_loss: torch.Tensor | None = None
     prediction: torch.Tensor | None = None
     candidates: torch.Tensor | None = None
+    confidence: torch.Tensor | None = None
     manual_filter: FilterResult | None = None
     pseudo_filter: FilterResult | None = None
     actions: torch.Tensor | None = None
@@ -88,6 +89,9 @@ class SelfCleansing:
         agreement: keep a cleansed slice's pseudo-label only where it agrees with the manual label and mark the
             other pixels unsupervised (``IGNORE_INDEX``), so a slice judged noisy still teaches what its
             annotator and the network agree on, and its contested pixels teach nothing rather than a guess.
+        confident_fill: with ``agreement``, a contested pixel still takes the LCM label when the network's
+            probability for its predicted class is at least this value (``None``: contested pixels stay
+            unsupervised), so a missing structure the network is sure of is restored rather than left blank.
         grid, sigma, mu, component_fraction, hole_fraction: LCM parameters (K, σ, μ, post-processing).
         batch_size: slices per forward pass during the round.
         seed: seed of the GMM fits.
@@ -109,6 +113,7 @@ class SelfCleansing:
         unlabelled_as_noisy: bool = True,
         refresh: bool = False,
         agreement: bool = False,
+        confident_fill: float | None = None,
         grid: int = 64,
         sigma: float = 0.7,
         mu: float = 0.7,
@@ -128,6 +133,7 @@ class SelfCleansing:
         self.filter_loss = filter_loss if filter_loss is not None else SegmentationLoss("dice")
         self.use_filter, self.pseudo_source = use_filter, pseudo_source
         self.unlabelled_as_noisy, self.refresh, self.agreement = unlabelled_as_noisy, refresh, agreement
+        self.confident_fill = confident_fill
         self.lcm = dict(grid=grid, sigma=sigma, mu=mu, min_fraction=component_fraction)
         self.hole_fraction = hole_fraction
         self.batch_size, self.seed, self.device = batch_size, seed, device
@@ -170,6 +176,8 @@ class SelfCleansing:
         manual_loss, pseudo_loss = torch.zeros(n), torch.zeros(n)
         prediction = torch.zeros((n, *shape), dtype=torch.uint8)
         candidates = torch.zeros((n, *shape), dtype=torch.uint8)
+        # the predicted class's probability, quantised to 1/255: enough for a threshold, 4x smaller than float
+        confidence = torch.zeros((n, *shape), dtype=torch.uint8)
         mine = list(range(idist.get_rank(), n, idist.get_world_size()))
         for start in range(0, len(mine), self.batch_size):
             ids = mine[start : start + self.batch_size]
@@ -182,6 +190,10 @@ class SelfCleansing:
             pseudo_loss[ids] = self.filter_loss(logits, pseudo).cpu()
             pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
             prediction[ids] = pred.to(torch.uint8).cpu()
+            probs = probabilities(logits)
+            top = torch.where(logits[:, 0] > 0, probs[:, 0], 1 - probs[:, 0]) if logits.shape[1] == 1 else \
+                probs.max(1).values
+            confidence[ids] = (top * 255).round().to(torch.uint8).cpu()
             cand = cleanse_batch(features, pred, num_classes=self.num_classes, mode=self.pseudo_source,
                                  hole_fraction=self.hole_fraction, **self.lcm)
             candidates[ids] = cand.to(torch.uint8).cpu()
@@ -191,6 +203,8 @@ class SelfCleansing:
             manual_loss, pseudo_loss = idist.all_reduce(manual_loss), idist.all_reduce(pseudo_loss)
             prediction = idist.all_reduce(prediction.int()).to(torch.uint8)
             candidates = idist.all_reduce(candidates.int()).to(torch.uint8)
+            confidence = idist.all_reduce(confidence.int()).to(torch.uint8)
+        rnd.confidence = confidence
         rnd.manual_loss, rnd.pseudo_loss = manual_loss, pseudo_loss
         rnd.prediction, rnd.candidates = prediction, candidates
 
@@ -234,7 +248,10 @@ class SelfCleansing:
         new[keep_manual] = manual[keep_manual]
         cand = rnd.candidates[redo]
         if self.agreement:
-            cand = torch.where(cand == manual[redo], cand, torch.full_like(cand, IGNORE_INDEX))
+            keep = cand == manual[redo]
+            if self.confident_fill is not None:
+                keep |= rnd.confidence[redo] >= round(255 * self.confident_fill)
+            cand = torch.where(keep, cand, torch.full_like(cand, IGNORE_INDEX))
         new[redo] = cand
         pseudo_prob = rnd.summary.pop("_pseudo_prob")
         clean = self.dataset.clean_labels() if hasattr(self.dataset, "clean_labels") else None

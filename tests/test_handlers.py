@@ -229,3 +229,12 @@ def test_agreement_marks_contested_pixels_unsupervised():
         # the manual label says background, the prediction says disc: the disc is left unsupervised
         assert torch.equal(store.labels[i] == 255, clean[i] == 1)
         assert (store.labels[i][clean[i] == 0] == 0).all()
+
+
+def test_confident_fill_restores_what_the_network_is_sure_of():
+    missing = (1, 5, 9, 13, 17, 21)
+    ds, store, rnd = first_round(missing, agreement=True, confident_fill=0.9)
+    clean = ds.clean_labels()
+    # the constant network predicts the clean discs with probability ~0.9997: contested pixels are filled
+    assert (rnd.confidence[list(missing)] >= 250).all()
+    assert torch.equal(store.labels[list(missing)], clean[list(missing)])
