@@ -32,7 +32,8 @@ def main(argv=None) -> int:
         torch.save(network.state_dict(), ckpt)  # throughput does not depend on the weights
 
         def make_parser(run: int):
-            return parse_bundle(["configs/inference.json"], {"ckpt_path": str(ckpt), "output_dir": str(tmp / f"out{run}")})
+            overrides = {"ckpt_path": str(ckpt), "output_dir": str(tmp / f"out{run}")}
+            return parse_bundle(["configs/inference.json"], overrides)
 
         # the bare side: every volume's slices, preprocessed once, as the network sees them
         parser = make_parser(-1)

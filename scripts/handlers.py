@@ -15,7 +15,15 @@ import torch
 from ignite.engine import Engine, Events
 
 from scripts.engine import CleansingEvents
-from scripts.filtering import CLEANSE, KEEP_MANUAL, KEEP_PSEUDO, FilterResult, cascade, filter_precision_recall, gmm_filter
+from scripts.filtering import (
+    CLEANSE,
+    KEEP_MANUAL,
+    KEEP_PSEUDO,
+    FilterResult,
+    cascade,
+    filter_precision_recall,
+    gmm_filter,
+)
 from scripts.losses import IGNORE_INDEX, HybridLoss, SegmentationLoss, probabilities
 from scripts.metrics import label_dice
 from scripts.prototypes import cleanse_batch
