@@ -381,7 +381,9 @@ def _check_existing(root: Path, params: dict) -> None:
     try:
         found = json.loads(meta_path.read_text()).get("params")
     except (OSError, ValueError, AttributeError) as err:
-        raise FileExistsError(f"{meta_path} cannot be read as phantom metadata ({err}); {root} is left untouched.") from err
+        raise FileExistsError(
+            f"{meta_path} cannot be read as phantom metadata ({err}); {root} is left untouched."
+        ) from err
     if found != params:
         raise FileExistsError(
             f"{root} holds a phantom data set generated with different parameters: found {found}, requested "
