@@ -598,6 +598,6 @@ class TrainingProgress:
 
         def loss_of(output):
             item = output[0] if isinstance(output, list) else output
-            return {key: float(item[key])}
+            return {key: float(item[key].detach())}
 
         ProgressBar(persist=self.persist).attach(engine, output_transform=loss_of)
