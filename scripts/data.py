@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import Dataset
+from monai.data import Dataset, get_track_meta, set_track_meta
 from monai.transforms import apply_transform
 
 from scripts.noise import simulate_label_noise
@@ -168,6 +168,8 @@ class SliceDataset(Dataset):
         label_noise: optional ``{"alpha", "beta", "seed", "radius_scale"}``: simulate label noise (Sec. 3.2) on the
             slices' labels, keeping the originals, which :meth:`clean_labels` returns for reporting.
         num_classes: classes including background, needed with ``label_noise``.
+        track_meta: whether ``transform`` runs with MONAI's meta data tracking (off by default: slices carry their
+            identity in plain keys).
     """
 
     def __init__(
@@ -180,10 +182,12 @@ class SliceDataset(Dataset):
         keys: Sequence[str] = ("image", "label"),
         label_noise: dict | None = None,
         num_classes: int | None = None,
+        track_meta: bool = False,
     ) -> None:
         self.volumes = list(data)
         self.keys = tuple(keys)
         self.store = store
+        self.track_meta = track_meta
         samples = []
         self.volume_info: list[dict] = []
         for rec in self.volumes:
@@ -244,7 +248,16 @@ class SliceDataset(Dataset):
         for k in ("label", "pseudo"):
             if k in sample:
                 sample[k] = sample[k].float()
-        return apply_transform(self.transform, sample) if self.transform is not None else sample
+        if self.transform is None:
+            return sample
+        # training slices need no meta data (their ids travel as plain keys); without it the augmentation and
+        # the collation run about four times faster
+        previous = get_track_meta()
+        set_track_meta(self.track_meta)
+        try:
+            return apply_transform(self.transform, sample)
+        finally:
+            set_track_meta(previous)
 
 
 def output_path(image: str, output_dir: str, postfix: str) -> Path:

@@ -87,7 +87,8 @@ def test_self_cleansing_training(trained, phantom):
     n = _train_slices(phantom)
     assert store["labels"].shape == (n, 48, 48)
     assert store["has_pseudo"].all(), "after a cleansing round every sample has a pseudo-label"
-    assert int(store["labels"].max()) <= 3
+    # class labels, or 255 where the default's agreement rule leaves a contested pixel unsupervised
+    assert set(torch.unique(store["labels"]).tolist()) <= {0, 1, 2, 3, 255}
     # rounds at the end of epochs 1 and 2 (start = warm-up = 1, interval 1)
     assert store["actions"].shape == (2, n)
     assert [r["epoch"] for r in store["rounds"]] == [1, 2]
@@ -113,7 +114,7 @@ def test_ct_training_and_inference_on_msd_datalist(tmp_path):
     _load_net(work / "models" / "model_final.pt", out_channels=1)
     store = _state(work / "runs")["store"]
     assert store["labels"].shape == (4 * 3, 32, 32)  # 4 of 5 cases train, 3 slices each
-    assert int(store["labels"].max()) <= 1
+    assert set(torch.unique(store["labels"]).tolist()) <= {0, 1, 255}
 
     out = tmp_path / "seg"
     _ok(run_bundle("--config_file", str(["configs/inference.json", "configs/ct.json"]), "--bundle_root", str(work),
