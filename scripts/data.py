@@ -191,7 +191,7 @@ class SliceDataset(Dataset):
         samples = []
         self.volume_info: list[dict] = []
         for rec in self.volumes:
-            vol = apply_transform(volume_transform, dict(rec)) if volume_transform is not None else dict(rec)
+            vol = self._load_volume(volume_transform, rec)
             arrays = {k: torch.as_tensor(np.asarray(vol[k])) for k in self.keys}
             n_slices = arrays[self.keys[0]].shape[slice_axis]
             meta = getattr(vol[self.keys[0]], "meta", {})
@@ -217,6 +217,21 @@ class SliceDataset(Dataset):
             self.noise_flags = torch.as_tensor(flags)
             logger.info(f"SliceDataset: simulated noise {label_noise} on {int((self.noise_flags > 0).sum())} "
                         f"of {len(samples)} slices")
+
+    @staticmethod
+    def _load_volume(volume_transform, rec: dict) -> dict:
+        """Run the volume preprocessing, naming the volume when it fails (MONAI's chained message names the
+        transform first and the file only deep in the cause)."""
+        if volume_transform is None:
+            return dict(rec)
+        try:
+            return apply_transform(volume_transform, dict(rec))
+        except Exception as err:
+            cause = err
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            names = ", ".join(str(rec[k]) for k in ("image", "label") if isinstance(rec.get(k), (str, Path)))
+            raise RuntimeError(f"cannot preprocess {names or rec.get('case', 'a volume')}: {cause}") from err
 
     @property
     def slice_shape(self) -> tuple[int, ...]:

@@ -295,3 +295,13 @@ def test_refuse_two_inputs_with_one_output(tmp_path):
     with pytest.raises(FileExistsError, match="x_seg.nii.gz") as err:
         refuse_existing_outputs([{"image": str(a)}, {"image": str(b)}], str(tmp_path / "out"), overwrite=True)
     assert "imagesTr" in str(err.value) and "imagesTs" in str(err.value)
+
+
+def test_corrupt_nifti_names_the_file(acdc_dir):
+    records = acdc_datalist(str(acdc_dir), "all")
+    broken = Path(records[1]["label"])
+    broken.write_bytes(b"not a nifti file" * 8)
+    transform = Compose([LoadImaged(["image", "label"], image_only=True, ensure_channel_first=True)])
+    with pytest.raises(RuntimeError, match=broken.name) as info:
+        SliceDataset(records, volume_transform=transform)
+    assert "gzip" in str(info.value) or "nifti" in str(info.value).lower()
