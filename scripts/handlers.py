@@ -67,6 +67,7 @@ class CleansingRound:
     manual_filter: FilterResult | None = None
     pseudo_filter: FilterResult | None = None
     actions: torch.Tensor | None = None
+    pseudo_clean_prob: torch.Tensor | None = None
     summary: dict = field(default_factory=dict)
 
 
@@ -246,7 +247,7 @@ class SelfCleansing:
             manual_filter_status=rnd.manual_filter.status,
             pseudo_filter_status=rnd.pseudo_filter.status if rnd.pseudo_filter is not None else "no_pseudo_labels",
         )
-        rnd.summary["_pseudo_prob"] = pseudo_prob
+        rnd.pseudo_clean_prob = pseudo_prob
 
     def cleanse(self, rnd: CleansingRound) -> None:
         """Build the new Y' from the actions and write it, with the verdicts, into the store."""
@@ -261,7 +262,6 @@ class SelfCleansing:
                 keep |= rnd.confidence[redo] >= round(255 * self.confident_fill)
             cand = torch.where(keep, cand, torch.full_like(cand, IGNORE_INDEX))
         new[redo] = cand
-        pseudo_prob = rnd.summary.pop("_pseudo_prob")
         clean = self.dataset.clean_labels() if hasattr(self.dataset, "clean_labels") else None
         if clean is not None:
             true_noisy = (manual != clean).flatten(1).any(1)
@@ -284,7 +284,8 @@ class SelfCleansing:
             # every rank computed the same labels from the same gathered inputs; broadcasting rank 0's copy makes
             # that a guarantee rather than a consequence of deterministic GMM fits
             new = idist.broadcast(new, src=0)
-        self.store.record_round(rnd.actions, new, rnd.manual_filter.clean_prob, pseudo_prob, rnd.summary)
+        self.store.record_round(rnd.actions, new, rnd.manual_filter.clean_prob, rnd.pseudo_clean_prob,
+                                rnd.summary)
 
 
 def _append_csv(path: str, row: dict) -> None:
