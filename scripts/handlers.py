@@ -7,7 +7,12 @@ only decide when it runs, move tensors between the network, the data set and the
 
 from __future__ import annotations
 
+import csv
+import glob
 import logging
+import os
+import random
+import re
 from dataclasses import dataclass, field
 
 import ignite.distributed as idist
@@ -89,7 +94,8 @@ class SelfCleansing:
         filter_loss: the per-sample loss the GMMs see (default: soft Dice, Eq. 1).
         use_filter: ``False`` cleanses every sample each round (Table 4, "LCM" without LFM).
         pseudo_source: ``"grid"`` (representative grid prototypes, the paper), ``"avg"`` (one averaged
-            prototype), ``"pred"`` (the network's prediction), Table 4's three variants.
+            prototype), ``"pred"`` (the network's prediction), Table 4's three variants; or ``"none"``: a sample
+            to cleanse gets no pseudo-label at all and teaches nothing (the filter alone, no LCM).
         unlabelled_as_noisy: a sample that has no pseudo-label yet counts as pseudo-Noisy instead of being judged
             by GMM-2. With the paper's all-zero start every pseudo loss is equal and GMM-2 calls all of them Clean,
             so a manual-Noisy sample would keep an empty target forever.
@@ -133,8 +139,8 @@ class SelfCleansing:
         device: torch.device | str | None = None,
         enabled: bool = True,
     ) -> None:
-        if pseudo_source not in ("grid", "avg", "pred"):
-            raise ValueError(f"unknown pseudo_source '{pseudo_source}': use 'grid', 'avg' or 'pred'")
+        if pseudo_source not in ("grid", "avg", "pred", "none"):
+            raise ValueError(f"unknown pseudo_source '{pseudo_source}': use 'grid', 'avg', 'pred' or 'none'")
         if interval < 1 or start_epoch < 0:
             raise ValueError(f"need interval >= 1 and start_epoch >= 0, got {interval} and {start_epoch}")
         self.network, self.dataset, self.store = network, dataset, store
@@ -203,9 +209,12 @@ class SelfCleansing:
             top = torch.where(logits[:, 0] > 0, probs[:, 0], 1 - probs[:, 0]) if logits.shape[1] == 1 else \
                 probs.max(1).values
             confidence[ids] = (top * 255).round().to(torch.uint8).cpu()
-            cand = cleanse_batch(features, pred, num_classes=self.num_classes, mode=self.pseudo_source,
-                                 hole_fraction=self.hole_fraction, **self.lcm)
-            candidates[ids] = cand.to(torch.uint8).cpu()
+            if self.pseudo_source == "none":
+                candidates[ids] = IGNORE_INDEX
+            else:
+                cand = cleanse_batch(features, pred, num_classes=self.num_classes, mode=self.pseudo_source,
+                                     hole_fraction=self.hole_fraction, **self.lcm)
+                candidates[ids] = cand.to(torch.uint8).cpu()
         net.train(was_training)
         if idist.get_world_size() > 1:
             # disjoint shares summed = the whole set on every rank
@@ -280,18 +289,47 @@ class SelfCleansing:
                     noisy_dice_pseudo_vs_clean=float(label_dice(new[true_noisy], clean[true_noisy],
                                                                 self.num_classes).mean()),
                 )
-        if idist.get_world_size() > 1:
-            # every rank computed the same labels from the same gathered inputs; broadcasting rank 0's copy makes
-            # that a guarantee rather than a consequence of deterministic GMM fits
-            new = idist.broadcast(new, src=0)
         self.store.record_round(rnd.actions, new, rnd.manual_filter.clean_prob, rnd.pseudo_clean_prob,
                                 rnd.summary)
+        if idist.get_world_size() > 1:
+            # every rank computed the same round from the same gathered inputs; copying rank 0's store (labels,
+            # verdicts, history) makes that a guarantee rather than a consequence of deterministic GMM fits
+            self.store.broadcast(src=0)
+
+
+def _trim_csv(path: str | None, epoch: int) -> int:
+    """Drop the rows of ``path`` written after ``epoch`` (atomically); returns how many were dropped.
+
+    A run killed after a CSV row but before its checkpoint repeats that epoch when resumed; without the trim the
+    file would hold the epoch twice. A fresh run (epoch 0) in an old output folder starts a fresh file.
+    """
+
+    if path is None or not os.path.exists(path):
+        return 0
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    keep = [r for r in rows if r.get("epoch") not in (None, "") and int(float(r["epoch"])) <= epoch]
+    if len(keep) == len(rows):
+        return 0
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(keep)
+    os.replace(tmp, path)
+    return len(rows) - len(keep)
+
+
+def _trim_on_start(engine: Engine, path: str | None, logger: logging.Logger) -> None:
+    if idist.get_rank() == 0:
+        dropped = _trim_csv(path, engine.state.epoch)
+        if dropped:
+            logger.info(f"{path}: dropped {dropped} row(s) after epoch {engine.state.epoch}, where this run starts")
 
 
 def _append_csv(path: str, row: dict) -> None:
     """Append one row, writing the header when the file is new; a resumed run keeps adding to the same file."""
-    import csv
-    import os
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     new = not os.path.exists(path)
@@ -317,6 +355,7 @@ class CleansingLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=self.log_dir)
+        engine.add_event_handler(Events.STARTED, _trim_on_start, self.csv_file, self.logger)
         engine.add_event_handler(CleansingEvents.LABELS_CLEANSED, self)
 
     def __call__(self, engine: Engine) -> None:
@@ -366,8 +405,6 @@ class DiceReport:
             self.names.extend(name if isinstance(name, (list, tuple)) else [name])
 
     def __call__(self, engine: Engine) -> None:
-        import csv
-        import os
 
         details = engine.state.metric_details.get(self.metric_name)
         if details is None:
@@ -392,25 +429,73 @@ class DiceReport:
         engine.state.class_dice = dict(zip(self.class_names, means.tolist()))
 
 
+def _randomizables(transform) -> list:
+    """Every MONAI ``Randomizable`` in a (nested) transform chain, in a fixed order."""
+    from monai.transforms import Randomizable
+
+    found = [transform] if isinstance(transform, Randomizable) else []
+    for t in getattr(transform, "transforms", None) or ():
+        found += _randomizables(t)
+    return found
+
+
 class RandomStates:
     """The random generators of this process as a checkpointable object, so a resumed run draws the same
-    augmentations and shuffles as an uninterrupted one."""
+    augmentations and shuffles as an uninterrupted one.
+
+    Besides the global torch, NumPy and Python generators this holds the private generator of each random MONAI
+    transform in ``transform``: with ``num_workers=0`` those generators are seeded once and then run on across
+    epochs, so a resumed run would otherwise repeat the first epoch's flips.
+    """
+
+    def __init__(self, transform=None) -> None:
+        self.transforms = _randomizables(transform) if transform is not None else []
 
     def state_dict(self) -> dict:
-        import random
-
         import numpy as np
 
-        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "transforms": [t.R.get_state() for t in self.transforms]}
 
     def load_state_dict(self, state: dict) -> None:
-        import random
-
         import numpy as np
 
         torch.set_rng_state(state["torch"])
         np.random.set_state(state["numpy"])
         random.setstate(state["python"])
+        saved = state.get("transforms", [])
+        if len(saved) != len(self.transforms):
+            raise ValueError(f"the checkpoint holds {len(saved)} random transform states, this run has "
+                             f"{len(self.transforms)} random transforms: was it made with other training transforms?")
+        for t, r in zip(self.transforms, saved):
+            t.R.set_state(r)
+
+
+class BestModelState:
+    """The evaluator's best metric so far and the key-metric saver's record of the B-model, as one checkpointable
+    object: without it a resumed run forgets the best score and its next validation replaces ``model.pt``
+    whatever its Dice."""
+
+    def __init__(self, evaluator: Engine, saver=None) -> None:
+        self.evaluator, self.saver = evaluator, saver
+
+    def _checkpoint(self):
+        # MONAI's CheckpointSaver restores its key-metric record (load_state_dict) but does not expose it for
+        # saving; the record is the Ignite Checkpoint it wraps
+        return getattr(self.saver, "_key_metric_checkpoint", None)
+
+    def state_dict(self) -> dict:
+        state = {"best_metric": self.evaluator.state.best_metric,
+                 "best_metric_epoch": self.evaluator.state.best_metric_epoch}
+        if self._checkpoint() is not None:
+            state["saved"] = self._checkpoint().state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evaluator.state.best_metric = state["best_metric"]
+        self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
+        if "saved" in state and self._checkpoint() is not None:
+            self.saver.load_state_dict(state["saved"])
 
 
 class TrainingState:
@@ -420,19 +505,23 @@ class TrainingState:
     The trainer cannot be named in the config's own ``save_dict`` (it would reference itself), so it is added
     here when the handler is attached. Files are written by Ignite's ``DiskSaver`` with ``atomic=True``: a write
     goes to a temporary file that is renamed into place, so a kill at any moment leaves the previous checkpoint
-    readable.
+    readable. Given the ``evaluator`` (and the ``CheckpointSaver`` that keeps the B-model), the best validation
+    score and the saver's record travel in the checkpoint too, so a resumed run replaces ``model.pt`` only with
+    a better model, as the uninterrupted run would; given the training ``transform``, its random transforms'
+    generators too (see :class:`RandomStates`).
     """
 
     def __init__(self, save_dir: str, save_dict: dict, interval: int = 1, n_saved: int = 1, resume: bool = False,
-                 prefix: str = "state") -> None:
+                 prefix: str = "state", evaluator: Engine | None = None, best_model_saver=None,
+                 transform=None) -> None:
         self.save_dir, self.save_dict, self.interval = save_dir, dict(save_dict), int(interval)
+        self.transform = transform
+        if evaluator is not None:
+            self.save_dict["best_model"] = BestModelState(evaluator, best_model_saver)
         self.n_saved, self.resume, self.prefix = n_saved, resume, prefix
         self.logger = logging.getLogger(self.__class__.__name__)
 
     def latest(self) -> str | None:
-        import glob
-        import os
-        import re
 
         files = glob.glob(os.path.join(self.save_dir, f"{self.prefix}_*.pt"))
 
@@ -445,7 +534,8 @@ class TrainingState:
     def attach(self, engine: Engine) -> None:
         from ignite.handlers import Checkpoint, DiskSaver
 
-        objects = {**self.save_dict, "trainer": engine, "rng": RandomStates()}
+        objects = {**self.save_dict, "trainer": engine, "rng": RandomStates(self.transform)}
+        path = None
         if self.resume:
             path = self.latest()
             if path is None:
@@ -463,6 +553,9 @@ class TrainingState:
             saver = DiskSaver(self.save_dir, require_empty=False, atomic=True)
             checkpoint = Checkpoint(objects, saver, filename_prefix=self.prefix, n_saved=self.n_saved,
                                     global_step_transform=lambda e, _: e.state.epoch)
+            if path is not None:
+                # the resumed file is this run's newest checkpoint: it is rotated out like any other
+                checkpoint.load_state_dict({"_saved": [(engine.state.epoch, os.path.basename(path))]})
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), checkpoint)
 
 
@@ -477,6 +570,7 @@ class MetricsHistory:
         self.logger = logging.getLogger(self.__class__.__name__)
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, _trim_on_start, self.output_file, self.logger)
         engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.losses.clear())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -522,7 +616,6 @@ class CleansingImages:
         engine.add_event_handler(CleansingEvents.LABELS_CLEANSED, self)
 
     def _emit(self, name: str, rgb, epoch: int) -> None:
-        import os
 
         from scripts.figures import save_png
 
