@@ -68,6 +68,18 @@ class PseudoLabelStore:
         self.actions = torch.cat([self.actions, actions.to(torch.uint8).cpu()[None]], 0)
         self.rounds.append(dict(summary))
 
+    def broadcast(self, src: int = 0) -> None:
+        """Make this process's store a copy of rank ``src``'s: pseudo-labels, verdicts and history. A no-op unless
+        ``torch.distributed`` runs with more than one process; every process of the group must call it."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        state = [self.state_dict() if dist.get_rank() == src else None]
+        dist.broadcast_object_list(state, src=src)
+        if dist.get_rank() != src:
+            self.load_state_dict(state[0])
+
     def state_dict(self) -> dict:
         return {
             "init": self.init,
