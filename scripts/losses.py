@@ -83,11 +83,19 @@ class HybridLoss(nn.Module):
     The target carries the manual label in channel 0 and, when pseudo-labels are in use, the pseudo-label in
     channel 1 (see :class:`scripts.engine.HybridPrepareBatch`). The weights are set each epoch by
     :class:`scripts.handlers.HybridLossSchedule`; with a single-channel target the loss is the plain ``L(ŷ, y)``.
+
+    Args:
+        loss: the per-sample loss ``L``.
+        ignore_empty_manual: a sample whose manual label has no foreground adds nothing to the manual term. A missed
+            slice looks exactly like that, and under a loss where empty targets carry gradient it pulls the whole
+            warm-up towards background; a truly empty slice gets its supervision back through Y' once the filter
+            has called it Clean. Applies only with a pseudo-label channel, i.e. under self-cleansing.
     """
 
-    def __init__(self, loss: nn.Module | None = None) -> None:
+    def __init__(self, loss: nn.Module | None = None, ignore_empty_manual: bool = False) -> None:
         super().__init__()
         self.loss = loss if loss is not None else SegmentationLoss()
+        self.ignore_empty_manual = ignore_empty_manual
         self.lambda1, self.lambda2 = 1.0, 0.0
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -97,7 +105,11 @@ class HybridLoss(nn.Module):
         total = torch.zeros(logits.shape[0], device=logits.device, dtype=logits.dtype)
         # a zero weight skips its term: no wasted backward through a branch that cannot contribute
         if self.lambda1 > 0:
-            total = total + self.lambda1 * self.loss(logits, manual)
+            term = self.loss(logits, manual)
+            if self.ignore_empty_manual:
+                labelled = ((manual > 0) & (manual != IGNORE_INDEX)).flatten(1).any(1)
+                term = term * labelled.to(term.dtype)
+            total = total + self.lambda1 * term
         if self.lambda2 > 0:
             total = total + self.lambda2 * self.loss(logits, pseudo)
         return total

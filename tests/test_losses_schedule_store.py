@@ -111,6 +111,28 @@ def test_hybrid_loss_weights(classes):
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
+def test_hybrid_loss_can_leave_empty_manual_labels_out():
+    """With ``ignore_empty_manual`` a sample whose manual label is all background adds nothing to the manual term
+    (and no gradient), labelled samples keep their loss, the pseudo term is untouched, and a one-channel target
+    (the Baseline) is the plain loss."""
+    manual = _target(classes=4, seed=0)
+    manual[1] = 0  # a missed slice
+    pseudo = _target(classes=4, seed=1)
+    logits = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    base = SegmentationLoss("dicece")
+    hybrid = HybridLoss(base, ignore_empty_manual=True)
+    on_manual, on_pseudo = base(logits, manual), base(logits, pseudo)
+    assert on_manual[1] > 0
+    both = torch.cat([manual, pseudo], 1)
+    out = hybrid(logits, both)
+    torch.testing.assert_close(out, on_manual * torch.tensor([1.0, 0.0, 1.0]))
+    out[1].backward()
+    assert logits.grad.abs().sum() == 0
+    hybrid.lambda1, hybrid.lambda2 = 0.5, 0.5
+    torch.testing.assert_close(hybrid(logits, both), 0.5 * on_manual * torch.tensor([1.0, 0.0, 1.0]) + 0.5 * on_pseudo)
+    torch.testing.assert_close(hybrid(logits, manual), on_manual)
+
+
 def test_hybrid_loss_defaults_to_manual_only():
     hybrid = HybridLoss()
     assert (hybrid.lambda1, hybrid.lambda2) == (1.0, 0.0)
