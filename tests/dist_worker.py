@@ -3,8 +3,9 @@
 Started with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` in the environment, it joins a gloo
 group, trains the residual U-Net wrapped in DistributedDataParallel for a few epochs on tiny generated slices with
 simulated label noise, runs a cleansing round at the end of every epoch, and writes to ``<out>/rank<r>.pt``:
-this rank's pseudo-label store, each round's gathered per-sample losses, and the losses this rank's network gives
-every sample when computed here without any gathering.
+this rank's pseudo-label store, each round's gathered per-sample losses, the losses this rank's network gives
+every sample when computed here without any gathering, and a store that rank 1 changed before
+``PseudoLabelStore.broadcast`` made it rank 0's again.
 """
 
 from __future__ import annotations
@@ -110,9 +111,22 @@ def main() -> None:
         weights.update({k: v.detach().clone() for k, v in _unwrap(net).named_parameters()})
 
     trainer.run()
+
+    # the broadcast itself: rank 1 diverges on purpose, then takes rank 0's copy into its own (shared) tensor
+    probe = PseudoLabelStore("zeros")
+    probe.initialise(dataset.labels())
+    if rank == 1:
+        probe.labels.fill_(7)
+        probe.has_pseudo[:] = True
+        probe.rounds.append({"epoch": 99})
+    pointer = probe.labels.data_ptr()
+    probe.broadcast(src=0)
+    probe_state = {"state": probe.state_dict(), "in_place": probe.labels.data_ptr() == pointer,
+                   "shared": probe.labels.is_shared()}
+
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save({"rank": rank, "world_size": dist.get_world_size(), "store": store.state_dict(), "rounds": rounds,
-                "weights": weights}, args.out / f"rank{rank}.pt")
+                "weights": weights, "probe": probe_state}, args.out / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -96,6 +96,13 @@ def test_two_ranks_gather_losses_and_hold_the_same_store(tmp_path):
             # same weights and batch-norm statistics; only the batch composition differs (float32 round-off)
             torch.testing.assert_close(gathered[r][r::2], local[r::2], rtol=0, atol=1e-5)
 
+    # PseudoLabelStore.broadcast: rank 1's diverged store became rank 0's fresh one, in its own shared tensor
+    probes = [x["probe"] for x in ranks]
+    _same_store(probes[0]["state"], probes[1]["state"])
+    assert probes[1]["state"]["labels"].max() == 0 and not probes[1]["state"]["has_pseudo"].any()
+    assert probes[1]["state"]["rounds"] == []
+    assert all(p["in_place"] and p["shared"] for p in probes)
+
     # DistributedDataParallel kept the weights equal although the ranks started from different seeds
     w0, w1 = ranks[0]["weights"], ranks[1]["weights"]
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
