@@ -578,7 +578,8 @@ class MetricsHistory:
     def _collect(self, engine: Engine) -> None:
         output = engine.state.output
         item = output[0] if isinstance(output, list) else output
-        self.losses.append(float(item[self.output_key]))
+        value = item[self.output_key]
+        self.losses.append(float(value.detach() if torch.is_tensor(value) else value))
 
     def __call__(self, engine: Engine) -> None:
         metrics = getattr(self.evaluator.state, "metrics", None) or {}
