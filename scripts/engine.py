@@ -7,7 +7,7 @@ from ignite.engine import EventEnum
 from monai.data import MetaTensor
 from monai.engines import PrepareBatch, default_prepare_batch
 
-__all__ = ["CleansingEvents", "HybridPrepareBatch"]
+__all__ = ["AttachHandler", "CleansingEvents", "HybridPrepareBatch"]
 
 
 class CleansingEvents(EventEnum):
@@ -35,6 +35,23 @@ class HybridPrepareBatch(PrepareBatch):
             return image, label
         pseudo = _plain(pseudo).to(device=device, non_blocking=non_blocking, **kwargs)
         return image, torch.cat([label, pseudo.to(label.dtype)], dim=1)
+
+
+class AttachHandler:
+    """Attach a handler that is defined elsewhere in the config.
+
+    ``{"_target_": "scripts.engine.AttachHandler", "handler": "@train#cleansing"}`` puts the handler that other items
+    refer to (``@train#cleansing``) into ``train#handlers`` as a component dict rather than a bare reference string:
+    MONAI Label's bundle trainer reads every entry of that list as a dict before it inserts its CheckpointLoader.
+    """
+
+    def __init__(self, handler) -> None:
+        if not callable(getattr(handler, "attach", None)):
+            raise TypeError(f"{type(handler).__name__} has no attach(engine) method: it is not an engine handler")
+        self.handler = handler
+
+    def attach(self, engine) -> None:
+        self.handler.attach(engine)
 
 
 def _plain(t):
