@@ -3,7 +3,9 @@
 Every cell is one ordinary bundle run (``python -m monai.bundle run training``) with the method's config and the
 cell's overrides merged, followed by two evaluations on the validation split (``configs/evaluate.json``) of the
 B-model (best validation Dice) and the L-model (last epoch). A cell whose ``result.json`` exists is never rerun, so
-an interrupted grid resumes where it stopped.
+an interrupted grid resumes where it stopped. Besides ``results.csv`` and ``results.md``, every finished cell
+updates ``results_paper.md`` (tables laid out like the paper's) and ``plots/`` (Dice against noise level,
+validation Dice against epoch), see :mod:`scripts.bench_report`.
 
     python -m scripts.benchmark --dataset_dir ../shared/data/acdc --profile cpu \\
         --noise clean,a70b10 --losses dicece --methods baseline,self_cleansing --out runs/bench
@@ -20,11 +22,23 @@ import sys
 import time
 from pathlib import Path
 
+from scripts.bench_report import write_report
+
 # A method is a list of configs merged over configs/train.json (and the data configs).
 METHODS = {
     "baseline": ["configs/baseline.json"],
     "self_cleansing": [],
     "self_cleansing_paper": ["configs/paper.json"],
+    # the paper's competitors (docs/competitors.md)
+    "pick_and_learn": ["configs/methods/pick_and_learn.json"],
+    "confident_learning": ["configs/methods/confident_learning.json"],
+    "jocor": ["configs/methods/jocor.json"],
+    "superpixel": ["configs/methods/superpixel.json"],
+    # Table 4: LCM without LFM (the paper's grid prototypes, the prediction, one averaged prototype); the full
+    # method (LCM + LFM) is self_cleansing_paper
+    "ablation_lcm": ["configs/paper.json", "configs/ablations/lcm.json"],
+    "ablation_lcm_pred": ["configs/paper.json", "configs/ablations/lcm_pred.json"],
+    "ablation_lcm_avg": ["configs/paper.json", "configs/ablations/lcm_avg.json"],
 }
 # Noise levels of Sec. 3.2: the fraction of noisy slices α and the mean disk radius β.
 NOISE = {
@@ -191,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
             progress.set_postfix_str(name)
         results.append(run_cell(out, name, configs, overrides, extra))
         write_tables(out, results)
-    print(f"results: {out / 'results.csv'}, {out / 'results.md'}")
+        try:
+            write_report(out, results)
+        except Exception as err:  # a figure must never stop a long grid; the cells and results.csv are safe
+            print(f"warning: results_paper.md / plots not updated: {err!r}", file=sys.stderr)
+    print(f"results: {out / 'results.csv'}, {out / 'results.md'}, {out / 'results_paper.md'}, {out / 'plots'}")
     return 0
 
 

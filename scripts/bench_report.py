@@ -1,0 +1,246 @@
+"""Figures and paper-style tables of a benchmark grid (:mod:`scripts.benchmark`), rebuilt from the cells'
+``result.json`` rows and ``history.csv`` files every time the grid runs, so they always show every finished cell.
+
+* ``results_paper.md``: per data set and training loss, one table laid out like the paper's Tables 2-3 (noise level,
+  method, B-model and L-model Dice per class and their average), the best value of each noise level in bold; and,
+  where the Table-4 ablations ran, a table laid out like Table 4.
+* ``plots/dice_vs_noise_<data>_<loss>.png``: mean Dice (B-model and L-model) against the noise level, per method.
+* ``plots/val_dice_<data>_<noise>_<loss>.png``: validation Dice against epoch, per method (mean over seeds).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+__all__ = ["write_report", "paper_tables", "noise_label", "method_label"]
+
+# how methods are named in the paper's tables; others keep their key
+METHOD_LABELS = {
+    "baseline": "Baseline",
+    "pick_and_learn": "PL",
+    "confident_learning": "CL",
+    "jocor": "JoCoR",
+    "superpixel": "SP",
+    "self_cleansing": "Ours (bundle default)",
+    "self_cleansing_paper": "Ours (paper recipe)",
+    "ablation_lcm": "Baseline+LCM",
+    "ablation_lcm_pred": "Baseline+LCM (pred)",
+    "ablation_lcm_avg": "Baseline+LCM (avg)",
+}
+# Table 4's rows, in its order: the full method is the paper recipe (LCM + LFM)
+ABLATION_ROWS = [("baseline", "Baseline"), ("ablation_lcm", "Baseline+LCM"),
+                 ("ablation_lcm_pred", "Baseline+LCM (pred)"), ("ablation_lcm_avg", "Baseline+LCM (avg)"),
+                 ("self_cleansing_paper", "Baseline+LCM+LFM")]
+
+
+def noise_label(noise: str) -> str:
+    """``clean`` → ``Noise-free``; ``a70b10`` → ``α = 70%, β = 10``."""
+    if noise == "clean":
+        return "Noise-free"
+    if noise.startswith("a") and "b" in noise:
+        a, b = noise[1:].split("b", 1)
+        return f"α = {a}%, β = {b}"
+    return noise
+
+
+def method_label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
+def _noise_order(noises) -> list[str]:
+    from scripts.benchmark import NOISE
+
+    known = [n for n in NOISE if n in noises]
+    return known + sorted(n for n in noises if n not in NOISE)
+
+
+def _classes(results: list[dict]) -> list[str]:
+    keys = dict.fromkeys(k[2:] for r in results for k in r if k.startswith("B_"))
+    return [k for k in keys if k != "mean"]
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _average(row: dict, tag: str, classes: list[str]) -> float | None:
+    """The mean Dice of a cell: the per-volume mean the evaluation wrote, else the mean over classes."""
+    if f"{tag}_mean" in row:
+        return float(row[f"{tag}_mean"])
+    vals = [float(row[f"{tag}_{c}"]) for c in classes if f"{tag}_{c}" in row]
+    return _mean(vals)
+
+
+def _summary(rows: list[dict], classes: list[str]) -> dict:
+    """Mean over seeds of every column of the table (in %)."""
+    out = {"seeds": len(rows)}
+    for tag in "BL":
+        for c in classes:
+            vals = [100 * float(r[f"{tag}_{c}"]) for r in rows if f"{tag}_{c}" in r]
+            out[f"{tag}_{c}"] = _mean(vals)
+        avgs = [a for a in (_average(r, tag, classes) for r in rows) if a is not None]
+        out[f"{tag}_avg"] = _mean([100 * a for a in avgs])
+    return out
+
+
+def _fmt(value, best: bool) -> str:
+    if value is None:
+        return "–"
+    text = f"{value:.2f}"
+    return f"**{text}**" if best else text
+
+
+def paper_tables(results: list[dict]) -> str:
+    """The Markdown of ``results_paper.md``."""
+    if not results:
+        return ""
+    classes = _classes(results)
+    columns = [*classes, "avg"]
+    lines = ["# Benchmark results laid out like the paper's tables",
+             "",
+             "Dice (%) per class and their average (per volume, then averaged over volumes), B-model (best "
+             "validation epoch) and L-model (last epoch), mean over the seeds run. Bold: the best value of each "
+             "noise level (not marked for noise-free rows)."]
+    for data in sorted({r["data"] for r in results}):
+        for loss in sorted({r["loss"] for r in results if r["data"] == data}):
+            sub = [r for r in results if r["data"] == data and r["loss"] == loss]
+            head = " | ".join(f"{'Average' if c == 'avg' else c} B | {'Average' if c == 'avg' else c} L"
+                              for c in columns)
+            lines += ["", f"## {data}, training loss {loss}", "",
+                      f"| Noise level | Method | seeds | {head} |",
+                      "|---|---|---|" + "---|---|" * len(columns)]
+            for noise in _noise_order({r["noise"] for r in sub}):
+                rows = [r for r in sub if r["noise"] == noise]
+                methods = list(dict.fromkeys(r["method"] for r in rows))
+                stats = {m: _summary([r for r in rows if r["method"] == m], classes) for m in methods}
+                best = {}
+                if noise != "clean" and len(methods) > 1:
+                    for tag in "BL":
+                        for c in columns:
+                            vals = [s[f"{tag}_{c}"] for s in stats.values() if s[f"{tag}_{c}"] is not None]
+                            best[f"{tag}_{c}"] = max(vals) if vals else None
+                for i, m in enumerate(methods):
+                    s = stats[m]
+                    cells = []
+                    for c in columns:
+                        for tag in "BL":
+                            v = s[f"{tag}_{c}"]
+                            cells.append(_fmt(v, v is not None and v == best.get(f"{tag}_{c}")))
+                    label = noise_label(noise) if i == 0 else ""
+                    lines.append(f"| {label} | {method_label(m)} | {s['seeds']} | " + " | ".join(cells) + " |")
+            lines += _ablation_table(sub, classes)
+    return "\n".join(lines) + "\n"
+
+
+def _ablation_table(rows: list[dict], classes: list[str]) -> list[str]:
+    """Table 4's layout for each noise level where at least one ablation ran."""
+    out = []
+    for noise in _noise_order({r["noise"] for r in rows}):
+        at = [r for r in rows if r["noise"] == noise]
+        if not any(r["method"].startswith("ablation_") for r in at):
+            continue
+        out += ["", f"### Ablation (Table 4 layout), {noise_label(noise)}", "", "| Components | B-model | L-model |",
+                "|---|---|---|"]
+        for key, label in ABLATION_ROWS:
+            mine = [r for r in at if r["method"] == key]
+            if mine:
+                s = _summary(mine, classes)
+                out.append(f"| {label} | {_fmt(s['B_avg'], False)} | {_fmt(s['L_avg'], False)} |")
+    return out
+
+
+def _read_history(path: Path) -> dict[int, float]:
+    if not path.exists():
+        return {}
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    out = {}
+    for r in rows:
+        if r.get("val_mean_dice") not in (None, ""):
+            out[int(r["epoch"])] = float(r["val_mean_dice"])  # a resumed run's later row for an epoch wins
+    return out
+
+
+def _plot_dice_vs_noise(plots: Path, results: list[dict], classes: list[str]) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    written = []
+    for data in sorted({r["data"] for r in results}):
+        for loss in sorted({r["loss"] for r in results if r["data"] == data}):
+            sub = [r for r in results if r["data"] == data and r["loss"] == loss]
+            noises = _noise_order({r["noise"] for r in sub})
+            fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+            for ax, tag, title in zip(axes, "BL", ("B-model (best validation epoch)", "L-model (last epoch)")):
+                for m in dict.fromkeys(r["method"] for r in sub):
+                    xs, ys = [], []
+                    for i, n in enumerate(noises):
+                        v = _summary([r for r in sub if r["method"] == m and r["noise"] == n], classes)[f"{tag}_avg"]
+                        if v is not None:
+                            xs.append(i)
+                            ys.append(v)
+                    if xs:
+                        ax.plot(xs, ys, marker="o", label=method_label(m))
+                ax.set_xticks(range(len(noises)))
+                ax.set_xticklabels([noise_label(n) for n in noises], rotation=30, ha="right")
+                ax.set_title(title)
+                ax.set_xlabel("noise level")
+                ax.grid(alpha=0.3)
+            axes[0].set_ylabel("mean Dice (%)")
+            axes[1].legend(fontsize=8, loc="best")
+            fig.suptitle(f"{data}, training loss {loss}")
+            fig.tight_layout()
+            path = plots / f"dice_vs_noise_{data}_{loss}.png"
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def _plot_val_curves(out: Path, plots: Path, results: list[dict]) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    written = []
+    groups = dict.fromkeys((r["data"], r["noise"], r["loss"]) for r in results)
+    for data, noise, loss in groups:
+        sub = [r for r in results if (r["data"], r["noise"], r["loss"]) == (data, noise, loss)]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        drawn = 0
+        for m in dict.fromkeys(r["method"] for r in sub):
+            curves = [_read_history(out / r["cell"] / "history.csv") for r in sub if r["method"] == m]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            epochs = sorted(set.intersection(*(set(c) for c in curves)))
+            ax.plot(epochs, [100 * sum(c[e] for c in curves) / len(curves) for e in epochs], label=method_label(m))
+            drawn += 1
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation mean Dice (%)")
+        ax.set_title(f"{data}, {noise_label(noise)}, training loss {loss}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = plots / f"val_dice_{data}_{noise}_{loss}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(out: Path, results: list[dict]) -> list[Path]:
+    """Write ``results_paper.md`` and the plots for ``results`` (rows of finished cells) into ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = Path(out)
+    if not results:
+        return []
+    classes = _classes(results)
+    table = out / "results_paper.md"
+    table.write_text(paper_tables(results))
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    return [table, *_plot_dice_vs_noise(plots, results, classes), *_plot_val_curves(out, plots, results)]

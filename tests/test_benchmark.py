@@ -1,0 +1,118 @@
+"""The benchmark grid's registry, its resumable main loop and its report (paper-style tables and plots), on
+cached cells: no training runs here."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from monai.bundle import ConfigParser
+
+from conftest import REPO_ROOT
+from scripts import benchmark
+from scripts.bench_report import noise_label, paper_tables, write_report
+
+CLASSES = ("RV", "Myo", "LV")
+
+
+def _parser(configs: list[str]) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(REPO_ROOT / c) for c in ["configs/train.json", *configs]])
+    return parser
+
+
+def test_every_registered_method_has_its_configs():
+    for method, configs in benchmark.METHODS.items():
+        assert all((REPO_ROOT / c).is_file() for c in configs), method
+    for name in ("pick_and_learn", "confident_learning", "jocor", "superpixel"):
+        parser = _parser(benchmark.METHODS[name])
+        assert parser["run_name"] == name
+        assert parser["self_cleansing"] is False  # a competitor replaces self-cleansing, it does not add to it
+
+
+@pytest.mark.parametrize("method, source", [("ablation_lcm", "grid"), ("ablation_lcm_pred", "pred"),
+                                            ("ablation_lcm_avg", "avg")])
+def test_ablations_are_the_paper_recipe_without_the_filter(method, source):
+    parser = _parser(benchmark.METHODS[method])
+    cleansing = parser["train"]["cleansing"]
+    assert cleansing["use_filter"] is False
+    assert cleansing["pseudo_source"] == source
+    assert cleansing["refresh"] is False and cleansing["agreement"] is False  # the rest is configs/paper.json
+
+
+def _result(data, noise, loss, method, seed, level):
+    row = {"cell": benchmark.cell_name(data, noise, loss, method, seed), "train_seconds": 10.0, "data": data,
+           "noise": noise, "loss": loss, "method": method, "seed": seed}
+    for tag, drop in (("B", 0.0), ("L", 0.05)):
+        vals = [level - drop - 0.01 * i for i in range(len(CLASSES))]
+        row.update({f"{tag}_{c}": v for c, v in zip(CLASSES, vals)})
+        row[f"{tag}_mean"] = sum(vals) / len(vals)
+    return row
+
+
+def _cache(out: Path, row: dict, epochs: int = 3) -> None:
+    cell = out / row["cell"]
+    cell.mkdir(parents=True)
+    (cell / "result.json").write_text(json.dumps(row))
+    with open(cell / "history.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "train_loss", "lambda1", "lambda2", "val_mean_dice"])
+        for e in range(1, epochs + 1):
+            writer.writerow([e, 1.0 / e, 1.0, 0.0, row["B_mean"] * e / epochs])
+
+
+LEVELS = {"baseline": 0.70, "jocor": 0.75, "self_cleansing": 0.80}
+
+
+def test_benchmark_resumes_from_cached_cells_and_writes_the_report(tmp_path):
+    for noise in ("clean", "a30b5"):
+        for method, level in LEVELS.items():
+            _cache(tmp_path, _result("phantom", noise, "dicece", method, 0, level - (noise != "clean") * 0.1))
+    argv = ["--data", "phantom", "--profile", "cpu", "--noise", "clean,a30b5", "--losses", "dicece",
+            "--methods", ",".join(LEVELS), "--out", str(tmp_path)]
+    assert benchmark.main(argv) == 0  # every cell is cached: nothing trains
+    for name in ("results.csv", "results.md", "results_paper.md", "plots/dice_vs_noise_phantom_dicece.png",
+                 "plots/val_dice_phantom_clean_dicece.png", "plots/val_dice_phantom_a30b5_dicece.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert (tmp_path / "plots/dice_vs_noise_phantom_dicece.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (tmp_path / "results_paper.md").read_text()
+    header = "| Noise level | Method | seeds | RV B | RV L | Myo B | Myo L | LV B | LV L | Average B | Average L |"
+    assert header in table
+    assert "| α = 30%, β = 5 | Baseline | 1 |" in table
+    assert "| Noise-free | Baseline | 1 |" in table
+
+
+def test_paper_table_values_and_best_marks():
+    rows = [_result("acdc", "a70b10", "dice", m, s, LEVELS[m] + 0.01 * s) for m in LEVELS for s in (0, 1)]
+    rows += [_result("acdc", "clean", "dice", "baseline", 0, 0.9)]
+    text = paper_tables(rows)
+    lines = {line.split("|")[2].strip(): line for line in text.splitlines() if line.startswith("| α = 70%") or
+             line.startswith("|  |")}
+    ours = [c.strip() for c in lines["Ours (bundle default)"].split("|")[1:-1]]
+    # two seeds averaged: RV B = 100 * (0.80 + 0.81) / 2, the best of the noise level, in bold
+    assert ours[2] == "2" and ours[3] == "**80.50**"
+    assert ours[-2] == "**79.50**"  # average B-model: mean of 80.5, 79.5, 78.5
+    base = [c.strip() for c in lines["Baseline"].split("|")[1:-1]]
+    assert base[3] == "70.50"  # not the best: no bold
+    noise_free = next(line for line in text.splitlines() if line.startswith("| Noise-free"))
+    assert "**" not in noise_free
+
+
+def test_ablation_table_in_table4_order():
+    methods = ["self_cleansing_paper", "ablation_lcm_avg", "baseline", "ablation_lcm", "ablation_lcm_pred"]
+    rows = [_result("acdc", "a70b10", "dicece", m, 0, 0.6 + 0.01 * i) for i, m in enumerate(methods)]
+    text = paper_tables(rows)
+    table = text[text.index("### Ablation (Table 4 layout), α = 70%, β = 10"):].splitlines()
+    labels = [line.split("|")[1].strip() for line in table if line.startswith("| ") and "Components" not in line]
+    assert labels == ["Baseline", "Baseline+LCM", "Baseline+LCM (pred)", "Baseline+LCM (avg)", "Baseline+LCM+LFM"]
+    assert "| Baseline+LCM+LFM | 59.00 | 54.00 |" in table
+
+
+def test_report_without_history_and_labels(tmp_path):
+    assert noise_label("a50b10") == "α = 50%, β = 10" and noise_label("clean") == "Noise-free"
+    row = _result("phantom", "a50b10", "dice", "superpixel", 0, 0.5)
+    written = write_report(tmp_path, [row])
+    names = sorted(p.name for p in written)
+    # no history.csv for the cell: no curve figure, the rest still written
+    assert names == ["dice_vs_noise_phantom_dice.png", "results_paper.md"]
+    assert write_report(tmp_path, []) == []
