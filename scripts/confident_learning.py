@@ -43,11 +43,12 @@ def confident_thresholds(probs: torch.Tensor, labels: torch.Tensor) -> torch.Ten
         probs: (N, C, H, W) out-of-sample class probabilities.
         labels: (N, H, W) given labels.
     """
-    c = probs.shape[1]
-    onehot = F.one_hot(labels.long(), c).movedim(-1, 1).to(torch.float64)
-    counts = onehot.sum(dim=(0, 2, 3))
-    sums = (probs.to(torch.float64) * onehot).sum(dim=(0, 2, 3))
-    return torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, float("inf"))).float()
+    thresholds = torch.full((probs.shape[1],), float("inf"))
+    for k in range(probs.shape[1]):
+        mine = labels == k
+        if mine.any():
+            thresholds[k] = float(probs[:, k][mine].to(torch.float64).mean())
+    return thresholds
 
 
 def find_label_issues(probs: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor | None = None
@@ -204,12 +205,16 @@ class ConfidentLearningPhase:
                                  "or one volume with two or more slices)")
             teacher = self.train_teacher(train_ids, half)
             p = predict_slices([teacher], self.dataset, predict_ids, batch_size=2 * self.batch_size)
-            if probs is None:
-                probs = torch.zeros((len(manual), *p.shape[1:]), dtype=torch.float32)
-            probs[predict_ids] = p
+            if probs is None:  # half precision: a whole training set's probabilities must fit in memory
+                probs = torch.zeros((len(manual), *p.shape[1:]), dtype=torch.float16)
+            probs[predict_ids] = p.to(torch.float16)
             del teacher
         thresholds = confident_thresholds(probs, manual)
-        issues, corrected = find_label_issues(probs, manual, thresholds)
+        issues = torch.zeros(manual.shape, dtype=torch.bool)
+        corrected = manual.clone()
+        for start in range(0, len(manual), 256):
+            chunk = slice(start, start + 256)
+            issues[chunk], corrected[chunk] = find_label_issues(probs[chunk], manual[chunk], thresholds)
         summary = {"epoch": 0, "flagged_pixel_fraction": float(issues.float().mean()),
                    "flagged_slices": int(issues.flatten(1).any(1).sum()),
                    **{f"threshold_{k}": float(t) for k, t in enumerate(thresholds.tolist())}}

@@ -7,8 +7,8 @@ enter the mean. The forget rate ramps linearly from 0 over ``num_gradual`` epoch
 
 The original recipes set the forget rate from the true noise rate. Here it is either a number the user chooses or
 ``"auto"``: the fraction of training pixels, background and foreground separately, whose given label disagrees
-with the two networks' averaged prediction in the previous epoch (no clean labels needed), capped at
-``max_forget_rate``.
+with the two networks' averaged prediction, measured over each epoch (no clean labels needed), capped at
+``max_forget_rate``; the smallest value so far is used.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class JoCoRLoss(nn.Module):
         self.forget_rate = (0.0, 0.0)
         # the "auto" noise estimate (background, foreground) of ForgetRateSchedule; a buffer, so it is saved with
         # the loss's state_dict
-        self.register_buffer("noise_estimate", torch.zeros(2, dtype=torch.float64))
+        self.register_buffer("noise_estimate", torch.full((2,), -1.0, dtype=torch.float64))  # -1: none yet
         self.reset_counts()
         self.last_mask: torch.Tensor | None = None
 
@@ -141,8 +141,9 @@ class ForgetRateSchedule:
 
     Args:
         loss: the :class:`JoCoRLoss`.
-        forget_rate: a number, ``[background, foreground]``, or ``"auto"`` (the previous epoch's disagreement
-            between the averaged prediction and the given labels, per group).
+        forget_rate: a number, ``[background, foreground]``, or ``"auto"``: per group, the smallest disagreement
+            between the averaged prediction and the given labels over the epochs so far (the disagreement overstates
+            the noise while the networks are still learning, so the estimate only goes down).
         num_gradual: epochs of the linear ramp (JoCoR: 10 of 200).
         max_forget_rate: cap of the ``"auto"`` estimate.
 
@@ -163,12 +164,15 @@ class ForgetRateSchedule:
 
     @property
     def estimate(self) -> tuple[float, float]:
-        return tuple(float(v) for v in self.loss.noise_estimate)
+        return tuple(max(0.0, float(v)) for v in self.loss.noise_estimate)
 
     def _estimate(self, engine: Engine) -> None:
         counts = self.loss.counts
-        est = [min(self.max_forget_rate, float(c[1] / c[0]) if c[0] > 0 else 0.0) for c in counts]
-        self.loss.noise_estimate.copy_(torch.tensor(est, dtype=torch.float64))
+        measured = torch.tensor([min(self.max_forget_rate, float(c[1] / c[0]) if c[0] > 0 else 0.0) for c in counts],
+                                dtype=torch.float64)
+        previous = self.loss.noise_estimate
+        # disagreement overstates the noise while the networks are still learning: the estimate only goes down
+        self.loss.noise_estimate.copy_(torch.where(previous < 0, measured, torch.minimum(previous, measured)))
         engine.state.noise_estimate = self.estimate
 
     def target(self) -> tuple[float, float]:

@@ -178,7 +178,7 @@ class SuperpixelRefinement:
     def segments(self) -> torch.Tensor:
         if self._segments is None:
             n = segment_count(self.dataset.data[0]["image"].shape[-2:], self.pixels_per_segment)
-            self._segments = torch.stack([slic_segments(s["image"][0], n, self.compactness)
+            self._segments = torch.stack([slic_segments(s["image"][0], n, self.compactness).to(torch.int32)
                                           for s in self.dataset.data])
         return self._segments
 

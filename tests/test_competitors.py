@@ -224,12 +224,17 @@ def test_forget_schedule_ramps_and_estimates():
     fixed(engine)
     assert loss.forget_rate == pytest.approx((0.05, 0.2))
     auto = ForgetRateSchedule(loss, forget_rate="auto", num_gradual=1, max_forget_rate=0.3)
+    assert auto.estimate == (0.0, 0.0)  # nothing measured yet
     loss.counts = torch.tensor([[100.0, 5.0], [50.0, 40.0]], dtype=torch.float64)
     auto._estimate(engine)
     assert auto.estimate == pytest.approx((0.05, 0.3))  # the foreground's 80% is capped
     engine.state.epoch = 3
     auto(engine)
     assert loss.forget_rate == pytest.approx((0.05, 0.3)) and loss.counts.sum() == 0
+    # a later epoch with more background and less foreground disagreement: the estimate only goes down
+    loss.counts = torch.tensor([[100.0, 9.0], [50.0, 10.0]], dtype=torch.float64)
+    auto._estimate(engine)
+    assert auto.estimate == pytest.approx((0.05, 0.2))
     restored = ForgetRateSchedule(JoCoRLoss(), "auto")
     restored.loss.load_state_dict(loss.state_dict())  # the estimate travels with the loss's state
     assert restored.estimate == auto.estimate
