@@ -21,10 +21,11 @@ from monai.data import Dataset, get_track_meta, set_track_meta
 from monai.transforms import apply_transform
 
 from scripts.noise import simulate_label_noise
+from scripts.phantom import METADATA_FILE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["acdc_datalist", "msd_datalist", "list_volumes", "SliceDataset", "check_files"]
+__all__ = ["acdc_datalist", "msd_datalist", "list_volumes", "SliceDataset", "check_files", "noise_for_phantoms"]
 
 
 def check_files(records: Sequence[dict], keys: Sequence[str] = ("image", "label")) -> list[dict]:
@@ -273,6 +274,22 @@ class SliceDataset(Dataset):
             return apply_transform(self.transform, sample)
         finally:
             set_track_meta(previous)
+
+
+def noise_for_phantoms(records: Sequence[dict], noise: dict | None) -> dict | None:
+    """``noise`` when every training image belongs to a generated phantom data set, else ``None``.
+
+    The default configuration simulates label noise on the embedded phantoms so that the main job has something
+    to cleanse; anyone else's labels (another ``--dataset_dir``, a datalist handed in by MONAI Label) must reach
+    training unchanged unless noise is asked for explicitly (``configs/noise.json`` sets ``label_noise`` itself).
+    A phantom data set is recognised by the ``phantom.json`` its generator writes at its root.
+    """
+    phantom = bool(records) and all(
+        (Path(r["image"]).parent.parent / METADATA_FILE).is_file() for r in records)
+    if noise and phantom:
+        logger.info(f"simulating label noise {noise} on the phantom training labels")
+        return noise
+    return None
 
 
 def output_path(image: str, output_dir: str, postfix: str) -> Path:

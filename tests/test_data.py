@@ -10,7 +10,14 @@ from monai.data import DataLoader
 from monai.transforms import Compose, LoadImaged
 
 from conftest import REPO_ROOT, load_nifti, save_nifti, write_msd
-from scripts.data import SliceDataset, acdc_datalist, list_volumes, msd_datalist, refuse_existing_outputs
+from scripts.data import (
+    SliceDataset,
+    acdc_datalist,
+    list_volumes,
+    msd_datalist,
+    noise_for_phantoms,
+    refuse_existing_outputs,
+)
 from scripts.store import PseudoLabelStore
 
 LOAD = Compose([LoadImaged(keys=["image", "label"], image_only=True, ensure_channel_first=True)])
@@ -222,6 +229,34 @@ def test_label_noise_changes_only_training_labels(acdc_dir):
         assert "clean_label" not in item
         torch.testing.assert_close(item["image"], clean[i]["image"])
         torch.testing.assert_close(item["label"][0].to(torch.uint8), noisy.labels()[i])
+
+
+def test_default_noise_reaches_phantoms_only(acdc_dir, tmp_path):
+    """train.json's simulated noise applies to a generated phantom set and to nothing else: another data folder
+    or a datalist of other files (as MONAI Label hands in) trains on its labels as given."""
+    from monai.bundle import ConfigParser
+
+    from scripts.phantom import write_phantom_dataset
+
+    phantom = write_phantom_dataset(tmp_path / "phantom", n_cases=3, shape=(48, 48, 2))
+    assert noise_for_phantoms(acdc_datalist(str(phantom), "train"), NOISE) == NOISE
+    assert noise_for_phantoms(acdc_datalist(str(acdc_dir), "train"), NOISE) is None
+    mixed = acdc_datalist(str(phantom), "train") + acdc_datalist(str(acdc_dir), "train")
+    assert noise_for_phantoms(mixed, NOISE) is None
+    assert noise_for_phantoms([], NOISE) is None
+    assert noise_for_phantoms(acdc_datalist(str(phantom), "train"), None) is None
+
+    def noise(overrides):
+        parser = ConfigParser()
+        parser.read_config("configs/train.json")
+        parser.update({"bundle_root": str(tmp_path), **overrides})
+        return getattr(parser.get_parsed_content("train#dataset"), "noise_flags", None)
+
+    assert noise({"dataset_dir": str(phantom), "data_root": str(phantom)}) is not None
+    assert noise({"dataset_dir": str(acdc_dir), "data_root": str(acdc_dir)}) is None
+    # MONAI Label's override: the phantom folder stays the default, the training data are the user's volumes
+    user = [{"image": r["image"], "label": r["label"]} for r in acdc_datalist(str(acdc_dir), "train")]
+    assert noise({"dataset_dir": str(phantom), "data_root": str(phantom), "train#dataset#data": user}) is None
 
 
 def test_label_noise_needs_num_classes(acdc_dir):

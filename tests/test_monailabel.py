@@ -59,11 +59,6 @@ def _copy_bundle(dst: Path) -> Path:
         shutil.copytree(REPO_ROOT / name, dst / name, ignore=ignore)
     shutil.copy(REPO_ROOT / "LICENSE", dst / "LICENSE")
     (dst / "models").mkdir()
-    # docs/monailabel.md, step 3: annotations served by MONAI Label get no simulated label noise
-    train = dst / "configs" / "train.json"
-    config = json.loads(train.read_text())
-    config["label_noise"] = None
-    train.write_text(json.dumps(config, indent=4) + "\n")
     return dst
 
 

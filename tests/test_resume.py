@@ -177,7 +177,7 @@ def test_same_seed_gives_the_same_noise_verdicts_and_pseudo_labels(data, uninter
         parser = ConfigParser()
         parser.read_config(["configs/train.json", "configs/quick.json"])
         parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(data), "data_root": str(data),
-                       "label_noise#seed": seed})
+                       "phantom_label_noise#seed": seed})
         dataset = parser.get_parsed_content("train#dataset")
         return dataset.labels()
 
