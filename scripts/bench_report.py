@@ -162,6 +162,15 @@ def _read_history(path: Path) -> dict[int, float]:
     return out
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _plot_dice_vs_noise(plots: Path, results: list[dict], classes: list[str]) -> list[Path]:
     import matplotlib.pyplot as plt
 
@@ -189,11 +198,7 @@ def _plot_dice_vs_noise(plots: Path, results: list[dict], classes: list[str]) ->
             axes[0].set_ylabel("mean Dice (%)")
             axes[1].legend(fontsize=8, loc="best")
             fig.suptitle(f"{data}, training loss {loss}")
-            fig.tight_layout()
-            path = plots / f"dice_vs_noise_{data}_{loss}.png"
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
-            written.append(path)
+            written.append(_save(fig, plots / f"dice_vs_noise_{data}_{loss}.png"))
     return written
 
 
@@ -222,11 +227,7 @@ def _plot_val_curves(out: Path, plots: Path, results: list[dict]) -> list[Path]:
         ax.set_title(f"{data}, {noise_label(noise)}, training loss {loss}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = plots / f"val_dice_{data}_{noise}_{loss}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, plots / f"val_dice_{data}_{noise}_{loss}.png"))
     return written
 
 

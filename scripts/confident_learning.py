@@ -166,8 +166,7 @@ class ConfidentLearningPhase:
     def attach(self, engine: Engine) -> None:
         if not self.enabled:
             return
-        if not self.store.initialised:
-            self.store.initialise(self.dataset.labels())
+        self.store.ensure(self.dataset.labels())
         engine.add_event_handler(Events.STARTED, self)
 
     def train_teacher(self, ids: list[int], half: int) -> nn.Module:

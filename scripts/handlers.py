@@ -159,8 +159,7 @@ class SelfCleansing:
         if not self.enabled:
             return
         engine.register_events(*CleansingEvents)
-        if not self.store.initialised:
-            self.store.initialise(self.dataset.labels())
+        self.store.ensure(self.dataset.labels())
         self.dataset.store = self.store
         engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=self._due), self)
 

@@ -52,6 +52,11 @@ class PseudoLabelStore:
         self.actions = torch.zeros(0, n, dtype=torch.uint8)
         self.rounds = []
 
+    def ensure(self, manual_labels: torch.Tensor) -> None:
+        """Initialise from ``manual_labels`` unless a checkpoint (or an earlier handler) already filled the store."""
+        if not self.initialised:
+            self.initialise(manual_labels)
+
     def get(self, index: int) -> torch.Tensor:
         return self.labels[index]
 

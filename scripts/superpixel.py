@@ -160,8 +160,7 @@ class SuperpixelRefinement:
     def attach(self, engine: Engine) -> None:
         if not self.enabled:
             return
-        if not self.store.initialised:
-            self.store.initialise(self.dataset.labels())
+        self.store.ensure(self.dataset.labels())
         if not self.store.has_pseudo.all():
             # until the first refinement the networks learn from the manual labels
             self.store.labels.copy_(self.dataset.labels())

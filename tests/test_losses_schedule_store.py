@@ -203,6 +203,17 @@ def test_store_init_manual_copies():
     assert torch.equal(store.get(1), _manual()[1])
 
 
+def test_store_ensure_keeps_a_restored_store():
+    manual = torch.randint(0, 4, (3, 8, 8))
+    store = PseudoLabelStore(init="zeros")
+    store.ensure(manual)
+    assert store.labels.shape == (3, 8, 8) and not store.has_pseudo.any()
+    store.labels[1] = 2  # a round (or a checkpoint) wrote Y'
+    store.has_pseudo[1] = True
+    store.ensure(torch.zeros_like(manual))
+    assert (store.labels[1] == 2).all() and store.has_pseudo[1]
+
+
 def test_store_unknown_init():
     with pytest.raises(ValueError, match="random"):
         PseudoLabelStore("random")
