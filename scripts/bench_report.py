@@ -28,6 +28,25 @@ METHOD_LABELS = {
     "ablation_lcm_pred": "Baseline+LCM (pred)",
     "ablation_lcm_avg": "Baseline+LCM (avg)",
 }
+# The paper's Table 3 (ACDC, 500 epochs at full resolution), Average columns, B-model / L-model in %. Its rows
+# come in blocks of six (Baseline, PL, CL, JoCoR, SP, Ours) per noise level, beta = 5 first, then beta = 10.
+PAPER_TABLE3 = {
+    "clean": {"baseline": (79.68, 77.12)},
+    "a30b5": {"baseline": (77.80, 61.37), "pick_and_learn": (76.83, 69.76), "confident_learning": (79.04, 66.31),
+              "jocor": (78.11, 68.16), "superpixel": (78.21, 72.44), "ours": (80.33, 76.07)},
+    "a50b5": {"baseline": (77.99, 60.48), "pick_and_learn": (77.01, 70.93), "confident_learning": (78.53, 65.68),
+              "jocor": (78.75, 68.08), "superpixel": (78.04, 68.83), "ours": (80.01, 76.30)},
+    "a70b5": {"baseline": (73.84, 45.14), "pick_and_learn": (69.01, 62.36), "confident_learning": (74.84, 55.26),
+              "jocor": (75.01, 59.48), "superpixel": (75.04, 67.81), "ours": (76.41, 73.69)},
+    "a30b10": {"baseline": (76.12, 48.29), "pick_and_learn": (73.28, 68.49), "confident_learning": (76.02, 59.74),
+               "jocor": (73.25, 64.89), "superpixel": (75.73, 68.04), "ours": (76.76, 71.57)},
+    "a50b10": {"baseline": (62.98, 22.45), "pick_and_learn": (67.60, 45.34), "confident_learning": (62.04, 44.35),
+               "jocor": (66.31, 36.64), "superpixel": (67.39, 55.53), "ours": (78.00, 68.24)},
+    "a70b10": {"baseline": (55.61, 27.21), "pick_and_learn": (71.96, 40.56), "confident_learning": (60.79, 35.52),
+               "jocor": (65.05, 32.79), "superpixel": (62.58, 55.94), "ours": (75.14, 70.48)},
+}
+# the paper's "Ours" is its recipe; the bundle's default is compared with the same row
+PAPER_KEY = {"self_cleansing": "ours", "self_cleansing_paper": "ours"}
 # Table 4's rows, in its order: the full method is the paper recipe (LCM + LFM)
 ABLATION_ROWS = [("baseline", "Baseline"), ("ablation_lcm", "Baseline+LCM"),
                  ("ablation_lcm_pred", "Baseline+LCM (pred)"), ("ablation_lcm_avg", "Baseline+LCM (avg)"),
@@ -108,8 +127,8 @@ def paper_tables(results: list[dict]) -> str:
             head = " | ".join(f"{'Average' if c == 'avg' else c} B | {'Average' if c == 'avg' else c} L"
                               for c in columns)
             lines += ["", f"## {data}, training loss {loss}", "",
-                      f"| Noise level | Method | seeds | {head} |",
-                      "|---|---|---|" + "---|---|" * len(columns)]
+                      f"| Noise level | Method | seeds | {head} | time ×Baseline |",
+                      "|---|---|---|" + "---|---|" * len(columns) + "---|"]
             for noise in _noise_order({r["noise"] for r in sub}):
                 rows = [r for r in sub if r["noise"] == noise]
                 methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -128,9 +147,47 @@ def paper_tables(results: list[dict]) -> str:
                             v = s[f"{tag}_{c}"]
                             cells.append(_fmt(v, v is not None and v == best.get(f"{tag}_{c}")))
                     label = noise_label(noise) if i == 0 else ""
+                    ratio = _time_ratio(rows, m)
+                    cells.append("–" if ratio is None else f"{ratio:.2f}")
                     lines.append(f"| {label} | {method_label(m)} | {s['seeds']} | " + " | ".join(cells) + " |")
             lines += _ablation_table(sub, classes)
+            if data == "acdc":
+                lines += _beside_paper(sub, classes)
     return "\n".join(lines) + "\n"
+
+
+def _time_ratio(rows: list[dict], method: str) -> float | None:
+    """Mean training wall time of ``method`` over that of the Baseline, over the seeds both ran (same data, loss and
+    noise level). Only meaningful when the cells ran under the same load, e.g. one after another in one grid."""
+    def seconds(m):
+        return {r["seed"]: float(r["train_seconds"]) for r in rows if r["method"] == m and "train_seconds" in r}
+
+    mine, base = seconds(method), seconds("baseline")
+    seeds = sorted(set(mine) & set(base))
+    if not seeds:
+        return None
+    return sum(mine[s] for s in seeds) / sum(base[s] for s in seeds)
+
+
+def _beside_paper(rows: list[dict], classes: list[str]) -> list[str]:
+    """Average Dice of each measured method beside the paper's Table 3 row of the same method and noise level."""
+    out = []
+    for noise in _noise_order({r["noise"] for r in rows}):
+        paper = PAPER_TABLE3.get(noise)
+        if paper is None:
+            continue
+        at = [r for r in rows if r["noise"] == noise]
+        methods = [m for m in dict.fromkeys(r["method"] for r in at) if PAPER_KEY.get(m, m) in paper]
+        if not methods:
+            continue
+        out += ["", f"### Beside the paper's Table 3 (ACDC), {noise_label(noise)}", "",
+                "| Method | measured B | measured L | paper B | paper L |", "|---|---|---|---|---|"]
+        for m in methods:
+            s = _summary([r for r in at if r["method"] == m], classes)
+            pb, pl = paper[PAPER_KEY.get(m, m)]
+            out.append(f"| {method_label(m)} | {_fmt(s['B_avg'], False)} | {_fmt(s['L_avg'], False)} | "
+                       f"{pb:.2f} | {pl:.2f} |")
+    return out
 
 
 def _ablation_table(rows: list[dict], classes: list[str]) -> list[str]:

@@ -3,9 +3,10 @@
 Every cell is one ordinary bundle run (``python -m monai.bundle run training``) with the method's config and the
 cell's overrides merged, followed by two evaluations on the validation split (``configs/evaluate.json``) of the
 B-model (best validation Dice) and the L-model (last epoch). A cell whose ``result.json`` exists is never rerun, so
-an interrupted grid resumes where it stopped. Besides ``results.csv`` and ``results.md``, every finished cell
-updates ``results_paper.md`` (tables laid out like the paper's) and ``plots/`` (Dice against noise level,
-validation Dice against epoch), see :mod:`scripts.bench_report`.
+an interrupted grid resumes where it stopped. After every cell, ``results.csv``, ``results.md``,
+``results_paper.md`` (tables laid out like the paper's) and ``plots/`` (Dice against noise level,
+validation Dice against epoch) are rewritten from every finished cell of the ``--out`` folder, see
+:mod:`scripts.bench_report`; keep one folder per data set and profile.
 
     python -m scripts.benchmark --dataset_dir ../shared/data/acdc --profile cpu \\
         --noise clean,a70b10 --losses dicece --methods baseline,self_cleansing --out runs/bench
@@ -125,6 +126,22 @@ def run_cell(out: Path, name: str, configs: list[str], overrides: dict, extra_ar
     return result
 
 
+def finished_cells(out: Path) -> list[dict]:
+    """The ``result.json`` rows of every finished cell in ``out``, in table order (noise level as in ``NOISE``, then
+    loss, method as registered, variants by name, seed): the tables show every cell a folder holds, not only those
+    of the latest command, so a grid run in several commands still ends in one set of tables."""
+    rows = [json.loads(f.read_text()) for f in sorted(Path(out).glob("*/result.json"))]
+    noise_rank = {n: i for i, n in enumerate(NOISE)}
+    method_rank = {m: i for i, m in enumerate(METHODS)}
+
+    def key(r):
+        return (r.get("data", ""), noise_rank.get(r.get("noise"), len(NOISE)), r.get("noise", ""),
+                r.get("loss", ""), method_rank.get(r.get("method"), len(METHODS)), r.get("method", ""),
+                r.get("seed", 0))
+
+    return sorted(rows, key=key)
+
+
 def write_tables(out: Path, results: list[dict]) -> None:
     """results.csv with every column, and results.md: one table per noise level and loss, B and L per class."""
     if not results:
@@ -182,7 +199,6 @@ def main(argv: list[str] | None = None) -> int:
     for noise, _, method, _ in grid:
         if noise not in NOISE or method_configs(method) is None:
             parser.error(f"unknown noise '{noise}' or method '{method}'")
-    results = []
     try:
         from tqdm import tqdm
 
@@ -203,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         configs = [*PROFILES[(args.data, args.profile)], *method_configs(method)]
         if hasattr(progress, "set_postfix_str"):
             progress.set_postfix_str(name)
-        results.append(run_cell(out, name, configs, overrides, extra))
+        run_cell(out, name, configs, overrides, extra)
+        results = finished_cells(out)
         write_tables(out, results)
         try:
             write_report(out, results)

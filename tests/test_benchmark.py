@@ -82,6 +82,48 @@ def test_benchmark_resumes_from_cached_cells_and_writes_the_report(tmp_path):
     assert "| Noise-free | Baseline | 1 |" in table
 
 
+def test_tables_gather_every_finished_cell_of_the_folder(tmp_path):
+    _cache(tmp_path, _result("phantom", "clean", "dicece", "baseline", 0, 0.9))  # from an earlier command
+    for method, level in LEVELS.items():
+        _cache(tmp_path, _result("phantom", "a30b5", "dicece", method, 0, level))
+    argv = ["--data", "phantom", "--noise", "a30b5", "--methods", ",".join(LEVELS), "--out", str(tmp_path)]
+    assert benchmark.main(argv) == 0
+    rows = benchmark.finished_cells(tmp_path)
+    assert [(r["noise"], r["method"]) for r in rows] == [("clean", "baseline"), ("a30b5", "baseline"),
+                                                          ("a30b5", "self_cleansing"), ("a30b5", "jocor")]
+    table = (tmp_path / "results_paper.md").read_text()
+    assert "| Noise-free | Baseline | 1 |" in table and "| α = 30%, β = 5 | Baseline | 1 |" in table
+    with open(tmp_path / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+
+
+def test_time_ratio_against_the_baseline_of_the_same_seeds():
+    rows = []
+    for method, secs in (("baseline", 100.0), ("jocor", 250.0), ("self_cleansing", 104.0)):
+        for seed in (0, 1):
+            row = _result("acdc", "a70b5", "dicece", method, seed, 0.7)
+            row["train_seconds"] = secs * (1 + seed)
+            rows.append(row)
+    rows.append({**_result("acdc", "a70b5", "dicece", "superpixel", 2, 0.7), "train_seconds": 5.0})
+    lines = {line.split("|")[2].strip(): line for line in paper_tables(rows).splitlines() if line.startswith("| ")}
+    assert lines["Baseline"].rstrip(" |").endswith("1.00")
+    assert lines["JoCoR"].rstrip(" |").endswith("2.50")
+    assert lines["Ours (bundle default)"].rstrip(" |").endswith("1.04")
+    assert lines["SP"].rstrip(" |").endswith("–")  # no Baseline of seed 2: no ratio
+
+
+def test_acdc_rows_beside_the_papers_table3():
+    rows = [_result("acdc", "a70b10", "dicece", m, 0, 0.6) for m in ("baseline", "self_cleansing", "jocor")]
+    rows.append(_result("acdc", "a70b10", "dicece", "agree_fill", 0, 0.6))  # a variant: no paper row
+    text = paper_tables(rows)
+    table = text[text.index("### Beside the paper's Table 3 (ACDC), α = 70%, β = 10"):].splitlines()
+    body = [line for line in table if line.startswith("| ") and "measured" not in line]
+    assert body[0] == "| Baseline | 59.00 | 54.00 | 55.61 | 27.21 |"
+    assert body[1].startswith("| Ours (bundle default) |") and body[1].endswith("| 75.14 | 70.48 |")
+    assert body[2].endswith("| 65.05 | 32.79 |") and len(body) == 3
+    assert "Beside the paper" not in paper_tables([_result("phantom", "a70b10", "dicece", "jocor", 0, 0.6)])
+
+
 def test_paper_table_values_and_best_marks():
     rows = [_result("acdc", "a70b10", "dice", m, s, LEVELS[m] + 0.01 * s) for m in LEVELS for s in (0, 1)]
     rows += [_result("acdc", "clean", "dice", "baseline", 0, 0.9)]
@@ -91,7 +133,8 @@ def test_paper_table_values_and_best_marks():
     ours = [c.strip() for c in lines["Ours (bundle default)"].split("|")[1:-1]]
     # two seeds averaged: RV B = 100 * (0.80 + 0.81) / 2, the best of the noise level, in bold
     assert ours[2] == "2" and ours[3] == "**80.50**"
-    assert ours[-2] == "**79.50**"  # average B-model: mean of 80.5, 79.5, 78.5
+    assert ours[-3] == "**79.50**"  # average B-model: mean of 80.5, 79.5, 78.5
+    assert ours[-1] == "1.00"  # same training time as the Baseline
     base = [c.strip() for c in lines["Baseline"].split("|")[1:-1]]
     assert base[3] == "70.50"  # not the best: no bold
     noise_free = next(line for line in text.splitlines() if line.startswith("| Noise-free"))
@@ -102,7 +145,8 @@ def test_ablation_table_in_table4_order():
     methods = ["self_cleansing_paper", "ablation_lcm_avg", "baseline", "ablation_lcm", "ablation_lcm_pred"]
     rows = [_result("acdc", "a70b10", "dicece", m, 0, 0.6 + 0.01 * i) for i, m in enumerate(methods)]
     text = paper_tables(rows)
-    table = text[text.index("### Ablation (Table 4 layout), α = 70%, β = 10"):].splitlines()
+    start = text.index("### Ablation (Table 4 layout), α = 70%, β = 10")
+    table = text[start:text.index("### Beside the paper", start)].splitlines()
     labels = [line.split("|")[1].strip() for line in table if line.startswith("| ") and "Components" not in line]
     assert labels == ["Baseline", "Baseline+LCM", "Baseline+LCM (pred)", "Baseline+LCM (avg)", "Baseline+LCM+LFM"]
     assert "| Baseline+LCM+LFM | 59.00 | 54.00 |" in table
