@@ -30,7 +30,7 @@ from scripts.filtering import (
     gmm_filter,
 )
 from scripts.losses import IGNORE_INDEX, HybridLoss, SegmentationLoss, probabilities
-from scripts.metrics import label_dice
+from scripts.metrics import label_dice, pooled_dice, supervised_fraction
 from scripts.prototypes import cleanse_batch
 from scripts.schedule import hybrid_weights
 from scripts.store import PseudoLabelStore
@@ -280,6 +280,9 @@ class SelfCleansing:
                 dice_manual_vs_clean=float(label_dice(manual, clean, self.num_classes).mean()),
                 dice_pseudo_vs_clean=float(label_dice(new, clean, self.num_classes).mean()),
                 dice_pred_vs_clean=float(label_dice(rnd.prediction, clean, self.num_classes).mean()),
+                pooled_dice_manual_vs_clean=pooled_dice(manual, clean, self.num_classes),
+                pooled_dice_pseudo_vs_clean=pooled_dice(new, clean, self.num_classes),
+                pseudo_supervised=supervised_fraction(new),
             )
             if true_noisy.any():
                 rnd.summary.update(
@@ -287,6 +290,11 @@ class SelfCleansing:
                                                                 self.num_classes).mean()),
                     noisy_dice_pseudo_vs_clean=float(label_dice(new[true_noisy], clean[true_noisy],
                                                                 self.num_classes).mean()),
+                    noisy_pooled_dice_manual_vs_clean=pooled_dice(manual[true_noisy], clean[true_noisy],
+                                                                  self.num_classes),
+                    noisy_pooled_dice_pseudo_vs_clean=pooled_dice(new[true_noisy], clean[true_noisy],
+                                                                  self.num_classes),
+                    noisy_pseudo_supervised=supervised_fraction(new[true_noisy]),
                 )
         self.store.record_round(rnd.actions, new, rnd.manual_filter.clean_prob, rnd.pseudo_clean_prob,
                                 rnd.summary)

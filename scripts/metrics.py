@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["label_dice"]
+__all__ = ["label_dice", "pooled_dice", "supervised_fraction"]
 
 
 def label_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int, ignore_index: int | None = 255) -> torch.Tensor:
@@ -28,3 +28,31 @@ def label_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int, ignore_index:
         total += dice
         count += present.double()
     return torch.where(count > 0, total / count.clamp_min(1), torch.ones_like(total))
+
+
+def pooled_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int, ignore_index: int | None = 255) -> float:
+    """Dice of two stacks of label maps with every pixel of the stack pooled, averaged over the foreground classes
+    present in either; pixels that ``a`` marks with ``ignore_index`` are left out.
+
+    Per-sample Dice says 0 whenever one map of a sample has no foreground of a class and the other has a few pixels
+    of it, which is what a pseudo-label of a slice that lost its mask looks like next to the clean label; pooled,
+    those few pixels weigh what they are.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"label maps differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    a, b = a.long().flatten(), b.long().flatten()
+    if ignore_index is not None:
+        keep = a != ignore_index
+        a, b = a[keep], b[keep]
+    scores = []
+    for c in range(1, num_classes):
+        ac, bc = a == c, b == c
+        denom = int(ac.sum() + bc.sum())
+        if denom:
+            scores.append(2 * int((ac & bc).sum()) / denom)
+    return sum(scores) / len(scores) if scores else 1.0
+
+
+def supervised_fraction(labels: torch.Tensor, ignore_index: int = 255) -> float:
+    """The share of pixels of a stack of label maps that carry a label (are not ``ignore_index``)."""
+    return float((labels != ignore_index).double().mean()) if labels.numel() else 1.0

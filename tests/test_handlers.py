@@ -99,6 +99,9 @@ def test_first_round_with_all_zero_pseudo_labels(unlabelled_as_noisy):
         # cleansed with the prediction: the pseudo-labels of the missing slices are the clean discs again
         assert torch.equal(store.labels, ds.clean_labels())
         assert rnd.summary["dice_pseudo_vs_clean"] == pytest.approx(1.0)
+        assert rnd.summary["noisy_pooled_dice_pseudo_vs_clean"] == pytest.approx(1.0)
+        assert rnd.summary["noisy_pooled_dice_manual_vs_clean"] == 0.0  # the removed discs
+        assert rnd.summary["pseudo_supervised"] == 1.0
     else:
         # the paper read literally: every pseudo loss is equal, GMM-2 calls all Clean, the empty targets stay
         assert rnd.pseudo_filter.status == "constant_losses"

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from scripts.engine import HybridPrepareBatch
 from scripts.losses import HybridLoss, SegmentationLoss
-from scripts.metrics import label_dice
+from scripts.metrics import label_dice, pooled_dice, supervised_fraction
 from scripts.schedule import hybrid_weights
 from scripts.store import PseudoLabelStore
 
@@ -303,6 +303,29 @@ def test_label_dice_crafted():
     torch.testing.assert_close(label_dice(b, a, 3), dice)
     with pytest.raises(ValueError, match="shape"):
         label_dice(a, b[:2], 3)
+
+
+def test_pooled_dice_and_supervised_fraction_crafted():
+    clean = torch.zeros(2, 4, 4, dtype=torch.uint8)
+    clean[0, :2, :2] = 1  # 4 pixels of class 1
+    clean[1, 0, :2] = 2  # 2 pixels of class 2
+    pseudo = clean.clone()
+    pseudo[0, 0, 0] = 255  # one class-1 pixel left unsupervised: not counted
+    pseudo[1, 0, 1] = 0  # one class-2 pixel missed: 2*1/(1+2)
+    pseudo[1, 3, :] = 255
+    assert pooled_dice(pseudo, clean, num_classes=3) == pytest.approx((1.0 + 2 / 3) / 2)
+    assert supervised_fraction(pseudo) == pytest.approx(1 - 5 / 32)
+    # a slice that lost its mask, next to a pseudo-label that is right but for one pixel: per-sample Dice says 0,
+    # pooled Dice over the two slices weighs the one pixel
+    lost = torch.stack([clean[0], torch.zeros_like(clean[0])])
+    truth = torch.stack([clean[0], clean[0]])
+    truth[1] = 0
+    truth[1, 3, 3] = 1
+    assert label_dice(lost, truth, 3)[1] == 0.0
+    assert pooled_dice(lost, truth, 3) == pytest.approx(2 * 4 / 9)
+    assert pooled_dice(torch.zeros_like(lost), torch.zeros_like(lost), 3) == 1.0
+    with pytest.raises(ValueError, match="shape"):
+        pooled_dice(lost, truth[:1], 3)
 
 
 # ---------------------------------------------------------------- HybridPrepareBatch
