@@ -107,6 +107,10 @@ class SelfCleansing:
         confident_fill: with ``agreement``, a contested pixel still takes the LCM label when the network's
             probability for its predicted class is at least this value (``None``: contested pixels stay
             unsupervised), so a missing structure the network is sure of is restored rather than left blank.
+        agreement_confidence: with ``agreement``, an agreeing pixel is kept only where the network's probability
+            for its predicted class reaches this value (``None``: every agreeing pixel); the uncertain rest, mostly
+            along boundaries where boundary noise lives and where network and annotator can be wrong together,
+            carries no loss.
         grid, sigma, mu, component_fraction, hole_fraction: LCM parameters (K, σ, μ, post-processing).
         batch_size: slices per forward pass during the round.
         seed: seed of the GMM fits.
@@ -129,6 +133,7 @@ class SelfCleansing:
         refresh: bool = False,
         agreement: bool = False,
         confident_fill: float | None = None,
+        agreement_confidence: float | None = None,
         grid: int = 64,
         sigma: float = 0.7,
         mu: float = 0.7,
@@ -148,7 +153,7 @@ class SelfCleansing:
         self.filter_loss = filter_loss if filter_loss is not None else SegmentationLoss("dice")
         self.use_filter, self.pseudo_source = use_filter, pseudo_source
         self.unlabelled_as_noisy, self.refresh, self.agreement = unlabelled_as_noisy, refresh, agreement
-        self.confident_fill = confident_fill
+        self.confident_fill, self.agreement_confidence = confident_fill, agreement_confidence
         self.lcm = dict(grid=grid, sigma=sigma, mu=mu, min_fraction=component_fraction)
         self.hole_fraction = hole_fraction
         self.batch_size, self.seed, self.device = batch_size, seed, device
@@ -266,6 +271,8 @@ class SelfCleansing:
         cand = rnd.candidates[redo]
         if self.agreement:
             keep = cand == manual[redo]
+            if self.agreement_confidence is not None:
+                keep &= rnd.confidence[redo] >= round(255 * self.agreement_confidence)
             if self.confident_fill is not None:
                 keep |= rnd.confidence[redo] >= round(255 * self.confident_fill)
             cand = torch.where(keep, cand, torch.full_like(cand, IGNORE_INDEX))

@@ -234,6 +234,31 @@ def test_agreement_marks_contested_pixels_unsupervised():
         assert (store.labels[i][clean[i] == 0] == 0).all()
 
 
+def test_agreement_confidence_leaves_uncertain_agreeing_pixels_unsupervised():
+    missing = (1, 5, 9, 13, 17, 21)
+    ds = toy_dataset(missing=missing)
+    store = PseudoLabelStore("zeros")
+    handler = SelfCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, grid=32,
+                            pseudo_source="pred", agreement=True, agreement_confidence=0.8)
+    store.initialise(ds.labels())
+    rnd = CleansingRound(epoch=1, index=1)
+    handler.collect(rnd)
+    unsure = torch.zeros_like(rnd.confidence, dtype=torch.bool)
+    unsure[:, :4] = True  # the network is unsure of the top rows of every slice
+    rnd.confidence[unsure] = round(255 * 0.6)
+    handler.filter(rnd)
+    handler.cleanse(rnd)
+    clean, idx = ds.clean_labels(), list(missing)
+    labels, unsure_noisy = store.labels[idx], unsure[idx]
+    assert (labels[unsure_noisy] == 255).all()
+    # elsewhere the plain agreement: background where both say so, the contested disc unsupervised
+    sure = ~unsure_noisy
+    assert torch.equal(labels[sure] == 255, clean[idx][sure] == 1)
+    # the slices kept with their manual label are untouched by the threshold
+    kept = [i for i in range(len(ds)) if i not in missing]
+    assert torch.equal(store.labels[kept], ds.labels()[kept])
+
+
 def test_confident_fill_restores_what_the_network_is_sure_of():
     missing = (1, 5, 9, 13, 17, 21)
     ds, store, rnd = first_round(missing, agreement=True, confident_fill=0.9)
