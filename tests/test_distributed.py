@@ -110,6 +110,7 @@ def test_two_ranks_gather_losses_and_hold_the_same_store(tmp_path):
 SAVE_STORES = """{
     "finalize": [
         "$torch.save(@train#store.state_dict(), os.path.join(@output_dir, 'store_rank%d.pt' % dist.get_rank()))",
+        "$dist.is_initialized() and dist.barrier()",
         "$dist.is_initialized() and dist.destroy_process_group()"
     ]
 }
