@@ -32,6 +32,7 @@ from scripts.filtering import (
 from scripts.losses import IGNORE_INDEX, HybridLoss, SegmentationLoss, probabilities
 from scripts.metrics import label_dice, pooled_dice, supervised_fraction
 from scripts.prototypes import cleanse_batch
+from scripts.repair import offset_repair
 from scripts.schedule import hybrid_weights
 from scripts.store import PseudoLabelStore
 
@@ -111,6 +112,14 @@ class SelfCleansing:
             for its predicted class reaches this value (``None``: every agreeing pixel); the uncertain rest, mostly
             along boundaries where boundary noise lives and where network and annotator can be wrong together,
             carries no loss.
+        empty_fill: with ``agreement``, on a cleansed slice whose manual label has no foreground at all (a slice the
+            annotator may have missed), a pixel takes the LCM label where the network's probability for it reaches
+            this value (``None``: such a slice supervises only the background the network agrees on).
+        repair_radius: with ``agreement``, each structure of the manual label is first moved onto the network's
+            prediction by the dilation or erosion of at most this many pixels that fits it best
+            (:func:`scripts.repair.offset_repair`), and the agreement test compares the LCM output with that
+            repaired label: a contour drawn too wide or too tight then still supervises its ring, with the
+            annotator's shape at the network's size (``None``: the manual label as drawn).
         grid, sigma, mu, component_fraction, hole_fraction: LCM parameters (K, σ, μ, post-processing).
         batch_size: slices per forward pass during the round.
         seed: seed of the GMM fits.
@@ -134,6 +143,8 @@ class SelfCleansing:
         agreement: bool = False,
         confident_fill: float | None = None,
         agreement_confidence: float | None = None,
+        empty_fill: float | None = None,
+        repair_radius: int | None = None,
         grid: int = 64,
         sigma: float = 0.7,
         mu: float = 0.7,
@@ -148,12 +159,15 @@ class SelfCleansing:
             raise ValueError(f"unknown pseudo_source '{pseudo_source}': use 'grid', 'avg', 'pred' or 'none'")
         if interval < 1 or start_epoch < 0:
             raise ValueError(f"need interval >= 1 and start_epoch >= 0, got {interval} and {start_epoch}")
+        if repair_radius is not None and (not agreement or repair_radius < 0):
+            raise ValueError(f"repair_radius ({repair_radius}) needs agreement=True and a radius >= 0")
         self.network, self.dataset, self.store = network, dataset, store
         self.num_classes, self.start_epoch, self.interval = int(num_classes), int(start_epoch), int(interval)
         self.filter_loss = filter_loss if filter_loss is not None else SegmentationLoss("dice")
         self.use_filter, self.pseudo_source = use_filter, pseudo_source
         self.unlabelled_as_noisy, self.refresh, self.agreement = unlabelled_as_noisy, refresh, agreement
         self.confident_fill, self.agreement_confidence = confident_fill, agreement_confidence
+        self.repair_radius, self.empty_fill = repair_radius, empty_fill
         self.lcm = dict(grid=grid, sigma=sigma, mu=mu, min_fraction=component_fraction)
         self.hole_fraction = hole_fraction
         self.batch_size, self.seed, self.device = batch_size, seed, device
@@ -270,11 +284,19 @@ class SelfCleansing:
         new[keep_manual] = manual[keep_manual]
         cand = rnd.candidates[redo]
         if self.agreement:
-            keep = cand == manual[redo]
+            reference = manual[redo]
+            if self.repair_radius is not None:
+                reference, offsets = offset_repair(reference, rnd.prediction[redo], self.num_classes,
+                                                   self.repair_radius)
+                rnd.summary.update(repaired_structures=int((offsets != 0).sum()))
+            keep = cand == reference
             if self.agreement_confidence is not None:
                 keep &= rnd.confidence[redo] >= round(255 * self.agreement_confidence)
             if self.confident_fill is not None:
                 keep |= rnd.confidence[redo] >= round(255 * self.confident_fill)
+            if self.empty_fill is not None:
+                empty = manual[redo].flatten(1).amax(1) == 0
+                keep |= empty[:, None, None] & (rnd.confidence[redo] >= round(255 * self.empty_fill))
             cand = torch.where(keep, cand, torch.full_like(cand, IGNORE_INDEX))
         new[redo] = cand
         clean = self.dataset.clean_labels() if hasattr(self.dataset, "clean_labels") else None

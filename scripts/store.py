@@ -18,12 +18,16 @@ class PseudoLabelStore:
     Args:
         init: how Y' starts: ``"zeros"`` (the paper: all-background images, marked as having no pseudo-label yet)
             or ``"manual"`` (a copy of the manual labels, marked as having one).
+        source: a file holding the store of an earlier run on the same training data (a state checkpoint of the
+            bundle, where it is the ``"store"`` entry, or a saved :meth:`state_dict`); Y', verdicts and history
+            start from it instead of from ``init``, so a new network can be trained on labels an earlier run
+            cleansed.
     """
 
-    def __init__(self, init: str = "zeros") -> None:
+    def __init__(self, init: str = "zeros", source: str | None = None) -> None:
         if init not in ("zeros", "manual"):
             raise ValueError(f"unknown pseudo-label init '{init}': use 'zeros' or 'manual'")
-        self.init = init
+        self.init, self.source = init, source or None
         self.labels = torch.zeros(0, 0, 0, dtype=torch.uint8)
         self.has_pseudo = torch.zeros(0, dtype=torch.bool)
         self.manual_clean_prob = torch.zeros(0)
@@ -54,8 +58,17 @@ class PseudoLabelStore:
 
     def ensure(self, manual_labels: torch.Tensor) -> None:
         """Initialise from ``manual_labels`` unless a checkpoint (or an earlier handler) already filled the store."""
-        if not self.initialised:
+        if self.initialised:
+            return
+        if self.source is None:
             self.initialise(manual_labels)
+            return
+        self.load_state_dict(_read_store(self.source))
+        if tuple(self.labels.shape) != tuple(manual_labels.shape):
+            shape = tuple(self.labels.shape)
+            self.initialise(manual_labels)  # leave the store usable for a caller that catches the error
+            raise ValueError(f"{self.source}: its pseudo-labels have shape {shape}, the training data "
+                             f"{tuple(manual_labels.shape)}; it was made on other data")
 
     def get(self, index: int) -> torch.Tensor:
         return self.labels[index]
@@ -112,3 +125,17 @@ class PseudoLabelStore:
         self.pseudo_clean_prob = state["pseudo_clean_prob"].clone()
         self.actions = state["actions"].clone()
         self.rounds = [dict(r) for r in state["rounds"]]
+
+
+def _read_store(path: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"pseudo-label source {path} does not exist") from None
+    except Exception as err:
+        raise ValueError(f"cannot read pseudo-label source {path}: {err}") from err
+    if isinstance(state, dict) and "store" in state:
+        state = state["store"]
+    if not isinstance(state, dict) or "labels" not in state:
+        raise ValueError(f"{path} holds no pseudo-label store (neither a bundle state checkpoint nor a store)")
+    return state

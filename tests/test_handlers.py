@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from ignite.engine import Engine, Events
 
 from scripts.data import SliceDataset, acdc_datalist
@@ -16,6 +17,7 @@ from scripts.filtering import CLEANSE, KEEP_MANUAL, KEEP_PSEUDO
 from scripts.handlers import CleansingRound, HybridLossSchedule, SelfCleansing
 from scripts.losses import HybridLoss, SegmentationLoss
 from scripts.network import ResidualUNet
+from scripts.noise import disk
 from scripts.store import PseudoLabelStore
 
 
@@ -266,3 +268,49 @@ def test_confident_fill_restores_what_the_network_is_sure_of():
     # the constant network predicts the clean discs with probability ~0.9997: contested pixels are filled
     assert (rnd.confidence[list(missing)] >= 250).all()
     assert torch.equal(store.labels[list(missing)], clean[list(missing)])
+
+
+def _round_on(ds: SliceDataset, **kwargs) -> tuple[PseudoLabelStore, CleansingRound]:
+    store = PseudoLabelStore("zeros")
+    handler = SelfCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, grid=32,
+                            pseudo_source="pred", agreement=True, **kwargs)
+    store.initialise(ds.labels())
+    rnd = CleansingRound(epoch=1, index=1)
+    handler.collect(rnd)
+    handler.filter(rnd)
+    handler.cleanse(rnd)
+    return store, rnd
+
+
+def test_repair_radius_moves_a_wide_contour_back_and_keeps_its_ring_supervised():
+    ds = toy_dataset()
+    labels, wide = ds.labels().clone(), [2, 6, 10, 14, 18, 22]
+    for i in wide:  # contours drawn 3 pixels too wide
+        labels[i] = torch.as_tensor(ndimage.binary_dilation(labels[i].numpy(), disk(3))).to(torch.uint8)
+    ds.set_labels(labels)
+    clean = ds.clean_labels()
+    plain, _ = _round_on(ds)
+    repaired, rnd = _round_on(ds, repair_radius=5)
+    assert set(torch.nonzero(rnd.actions == CLEANSE).flatten().tolist()) == set(wide)
+    assert rnd.summary["repaired_structures"] == len(wide)
+    for i in wide:
+        ring = (labels[i] == 1) & (clean[i] == 0)
+        assert (plain.labels[i][ring] == 255).all()  # as drawn, the ring is contested
+        assert torch.equal(repaired.labels[i], clean[i])  # repaired, it is background again and supervised
+    with pytest.raises(ValueError, match="agreement"):
+        SelfCleansing(constant_network(ds), ds, PseudoLabelStore(), num_classes=2, start_epoch=1, repair_radius=3)
+
+
+def test_empty_fill_restores_only_slices_whose_label_is_empty():
+    missing = (1, 5, 9, 13)
+    ds = toy_dataset(missing=missing)
+    labels, tight = ds.labels().clone(), [3, 7, 11]
+    for i in tight:  # contours drawn too tight: not empty, so not filled
+        labels[i] = torch.as_tensor(ndimage.binary_erosion(labels[i].numpy(), disk(4))).to(torch.uint8)
+    ds.set_labels(labels)
+    clean = ds.clean_labels()
+    store, rnd = _round_on(ds, empty_fill=0.9)
+    assert set(torch.nonzero(rnd.actions == CLEANSE).flatten().tolist()) == set(missing) | set(tight)
+    assert torch.equal(store.labels[list(missing)], clean[list(missing)])
+    for i in tight:
+        assert (store.labels[i][(clean[i] == 1) & (labels[i] == 0)] == 255).all()
