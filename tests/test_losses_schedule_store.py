@@ -281,6 +281,29 @@ def test_store_rejects_checkpoint_of_other_data():
         other.load_state_dict(store.state_dict())
 
 
+def test_store_starts_from_an_earlier_runs_checkpoint(tmp_path):
+    earlier = PseudoLabelStore("zeros")
+    earlier.initialise(_manual())
+    _round(earlier, 1)
+    torch.save({"model": {}, "store": earlier.state_dict()}, tmp_path / "state_checkpoint_3.pt")
+    torch.save(earlier.state_dict(), tmp_path / "store.pt")
+    for name in ("state_checkpoint_3.pt", "store.pt"):
+        store = PseudoLabelStore("zeros", source=str(tmp_path / name))
+        store.ensure(_manual())
+        assert torch.equal(store.labels, earlier.labels) and store.rounds == earlier.rounds
+        assert store.labels.is_shared()
+    with pytest.raises(ValueError, match="other data"):
+        PseudoLabelStore(source=str(tmp_path / "store.pt")).ensure(_manual(n=6))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        PseudoLabelStore(source=str(tmp_path / "missing.pt")).ensure(_manual())
+    torch.save({"model": {}}, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="no pseudo-label store"):
+        PseudoLabelStore(source=str(tmp_path / "model.pt")).ensure(_manual())
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt.pt"):
+        PseudoLabelStore(source=str(tmp_path / "corrupt.pt")).ensure(_manual())
+
+
 # ---------------------------------------------------------------- label_dice
 
 
