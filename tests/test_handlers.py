@@ -314,3 +314,22 @@ def test_empty_fill_restores_only_slices_whose_label_is_empty():
     assert torch.equal(store.labels[list(missing)], clean[list(missing)])
     for i in tight:
         assert (store.labels[i][(clean[i] == 1) & (labels[i] == 0)] == 255).all()
+
+
+def test_flip_average_makes_the_round_prediction_flip_equivariant():
+    torch.manual_seed(0)
+    ds = toy_dataset()
+    net = ResidualUNet(spatial_dims=2, in_channels=1, out_channels=2).eval()
+    handler = SelfCleansing(net, ds, PseudoLabelStore(), num_classes=2, start_epoch=1, flip_average=True)
+    image = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        logits, features = handler._forward(net, image)
+        flips = [(), (-1,), (-2,), (-2, -1)]
+        outputs = [net.forward_features(image.flip(d) if d else image) for d in flips]
+        expected = sum(o[0].flip(d) if d else o[0] for o, d in zip(outputs, flips)) / 4
+        assert torch.allclose(logits, expected, atol=1e-5)
+        assert features.shape == outputs[0][1].shape
+        # a flipped slice gets the flipped prediction, which a single forward pass does not guarantee
+        mirrored, _ = handler._forward(net, image.flip(-1))
+        assert torch.allclose(mirrored.flip(-1), logits, atol=1e-5)
+        assert not torch.allclose(net(image.flip(-1)).flip(-1), net(image), atol=1e-5)
