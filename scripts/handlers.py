@@ -115,6 +115,9 @@ class SelfCleansing:
         empty_fill: with ``agreement``, on a cleansed slice whose manual label has no foreground at all (a slice the
             annotator may have missed), a pixel takes the LCM label where the network's probability for it reaches
             this value (``None``: such a slice supervises only the background the network agrees on).
+        ignore_empty: a cleansed slice whose manual label has no foreground carries no supervision at all, instead
+            of the background the network agrees on: where the network misses part of a structure, a missed
+            slice would otherwise teach background there.
         repair_radius: with ``agreement``, each structure of the manual label is first moved onto the network's
             prediction by the dilation or erosion of at most this many pixels that fits it best
             (:func:`scripts.repair.offset_repair`), and the agreement test compares the LCM output with that
@@ -147,6 +150,7 @@ class SelfCleansing:
         confident_fill: float | None = None,
         agreement_confidence: float | None = None,
         empty_fill: float | None = None,
+        ignore_empty: bool = False,
         repair_radius: int | None = None,
         flip_average: bool = False,
         grid: int = 64,
@@ -163,6 +167,9 @@ class SelfCleansing:
             raise ValueError(f"unknown pseudo_source '{pseudo_source}': use 'grid', 'avg', 'pred' or 'none'")
         if interval < 1 or start_epoch < 0:
             raise ValueError(f"need interval >= 1 and start_epoch >= 0, got {interval} and {start_epoch}")
+        if ignore_empty and empty_fill is not None:
+            raise ValueError("ignore_empty and empty_fill exclude each other: a slice with an empty label is either "
+                             "left out or filled")
         if repair_radius is not None and (not agreement or repair_radius < 0):
             raise ValueError(f"repair_radius ({repair_radius}) needs agreement=True and a radius >= 0")
         self.network, self.dataset, self.store = network, dataset, store
@@ -172,6 +179,7 @@ class SelfCleansing:
         self.unlabelled_as_noisy, self.refresh, self.agreement = unlabelled_as_noisy, refresh, agreement
         self.confident_fill, self.agreement_confidence = confident_fill, agreement_confidence
         self.repair_radius, self.empty_fill, self.flip_average = repair_radius, empty_fill, flip_average
+        self.ignore_empty = ignore_empty
         self.lcm = dict(grid=grid, sigma=sigma, mu=mu, min_fraction=component_fraction)
         self.hole_fraction = hole_fraction
         self.batch_size, self.seed, self.device = batch_size, seed, device
@@ -311,6 +319,8 @@ class SelfCleansing:
                 empty = manual[redo].flatten(1).amax(1) == 0
                 keep |= empty[:, None, None] & (rnd.confidence[redo] >= round(255 * self.empty_fill))
             cand = torch.where(keep, cand, torch.full_like(cand, IGNORE_INDEX))
+        if self.ignore_empty:
+            cand[manual[redo].flatten(1).amax(1) == 0] = IGNORE_INDEX
         new[redo] = cand
         clean = self.dataset.clean_labels() if hasattr(self.dataset, "clean_labels") else None
         if clean is not None:

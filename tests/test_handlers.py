@@ -333,3 +333,16 @@ def test_flip_average_makes_the_round_prediction_flip_equivariant():
         mirrored, _ = handler._forward(net, image.flip(-1))
         assert torch.allclose(mirrored.flip(-1), logits, atol=1e-5)
         assert not torch.allclose(net(image.flip(-1)).flip(-1), net(image), atol=1e-5)
+
+
+def test_ignore_empty_leaves_slices_with_empty_labels_unsupervised():
+    missing = (1, 5, 9, 13, 17, 21)
+    ds = toy_dataset(missing=missing)
+    store, rnd = _round_on(ds, ignore_empty=True)
+    assert set(torch.nonzero(rnd.actions == CLEANSE).flatten().tolist()) == set(missing)
+    assert (store.labels[list(missing)] == 255).all()
+    kept = [i for i in range(len(ds)) if i not in missing]
+    assert torch.equal(store.labels[kept], ds.labels()[kept])
+    with pytest.raises(ValueError, match="exclude each other"):
+        SelfCleansing(constant_network(ds), ds, PseudoLabelStore(), num_classes=2, start_epoch=1, agreement=True,
+                      ignore_empty=True, empty_fill=0.9)
