@@ -94,6 +94,24 @@ def test_self_cleansing_training(trained, phantom):
     assert [r["epoch"] for r in store["rounds"]] == [1, 2]
 
 
+def test_second_training_on_cleansed_labels_with_repair_options(trained, phantom, tmp_path):
+    """A new network trained from the store of the ``trained`` run, with the optional repair rules switched on."""
+    first = _state(trained / "runs")["store"]
+    source = sorted((trained / "runs").glob("state_checkpoint_*.pt"))[-1]
+    second = tmp_path / "second"
+    _ok(run_bundle("training", "--config_file", str(["configs/train.json", "configs/quick.json",
+                                                     "configs/variants/repair_fill.json"]),
+                   "--bundle_root", str(second), "--dataset_dir", str(phantom), "--data_root", str(phantom),
+                   "--output_dir", str(second / "runs"), "--ckpt_dir", str(second / "models"),
+                   "--patch_size", PATCH, "--epochs", "1", *SHORT, "--train#store#source", str(source),
+                   "--train#cleansing#flip_average", "true"))
+    store = _state(second / "runs")["store"]
+    # the history goes on from the first run's two rounds; the labels it started from were the first run's
+    assert [r["epoch"] for r in store["rounds"]] == [1, 2, 1]
+    assert torch.equal(store["actions"][:2], first["actions"])
+    assert "repaired_structures" in store["rounds"][-1]
+
+
 def test_baseline_training(phantom, tmp_path):
     _ok(_train(phantom, tmp_path, "configs/quick.json", "configs/baseline.json"))
     _load_net(tmp_path / "models" / "model.pt")
