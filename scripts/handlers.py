@@ -172,6 +172,9 @@ class SelfCleansing:
                              "left out or filled")
         if repair_radius is not None and (not agreement or repair_radius < 0):
             raise ValueError(f"repair_radius ({repair_radius}) needs agreement=True and a radius >= 0")
+        if empty_fill is not None and not agreement:
+            raise ValueError(f"empty_fill ({empty_fill}) needs agreement=True: it fills pixels the agreement test "
+                             "leaves unsupervised")
         self.network, self.dataset, self.store = network, dataset, store
         self.num_classes, self.start_epoch, self.interval = int(num_classes), int(start_epoch), int(interval)
         self.filter_loss = filter_loss if filter_loss is not None else SegmentationLoss("dice")

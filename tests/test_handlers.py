@@ -343,6 +343,8 @@ def test_ignore_empty_leaves_slices_with_empty_labels_unsupervised():
     assert (store.labels[list(missing)] == 255).all()
     kept = [i for i in range(len(ds)) if i not in missing]
     assert torch.equal(store.labels[kept], ds.labels()[kept])
+    with pytest.raises(ValueError, match="needs agreement"):
+        SelfCleansing(constant_network(ds), ds, PseudoLabelStore(), num_classes=2, start_epoch=1, empty_fill=0.9)
     with pytest.raises(ValueError, match="exclude each other"):
         SelfCleansing(constant_network(ds), ds, PseudoLabelStore(), num_classes=2, start_epoch=1, agreement=True,
                       ignore_empty=True, empty_fill=0.9)
