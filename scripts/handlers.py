@@ -32,7 +32,7 @@ from scripts.filtering import (
 from scripts.losses import IGNORE_INDEX, HybridLoss, SegmentationLoss, probabilities
 from scripts.metrics import label_dice, pooled_dice, supervised_fraction
 from scripts.prototypes import cleanse_batch
-from scripts.repair import offset_repair
+from scripts.repair import adjacent_labels, offset_repair
 from scripts.schedule import hybrid_weights
 from scripts.store import PseudoLabelStore
 
@@ -115,6 +115,10 @@ class SelfCleansing:
         empty_fill: with ``agreement``, on a cleansed slice whose manual label has no foreground at all (a slice the
             annotator may have missed), a pixel takes the LCM label where the network's probability for it reaches
             this value (``None``: such a slice supervises only the background the network agrees on).
+        neighbour_fill: with ``agreement``, a cleansed slice whose manual label is empty also takes the LCM's
+            foreground where it agrees with the manual label of the previous or the next slice of its volume: a
+            slice missed inside a labelled stack learns what the network and an adjacent contour agree on, rather
+            than the network's prediction alone.
         ignore_empty: a cleansed slice whose manual label has no foreground carries no supervision at all, instead
             of the background the network agrees on: where the network misses part of a structure, a missed
             slice would otherwise teach background there.
@@ -150,6 +154,7 @@ class SelfCleansing:
         confident_fill: float | None = None,
         agreement_confidence: float | None = None,
         empty_fill: float | None = None,
+        neighbour_fill: bool = False,
         ignore_empty: bool = False,
         repair_radius: int | None = None,
         flip_average: bool = False,
@@ -172,9 +177,11 @@ class SelfCleansing:
                              "left out or filled")
         if repair_radius is not None and (not agreement or repair_radius < 0):
             raise ValueError(f"repair_radius ({repair_radius}) needs agreement=True and a radius >= 0")
-        if empty_fill is not None and not agreement:
-            raise ValueError(f"empty_fill ({empty_fill}) needs agreement=True: it fills pixels the agreement test "
-                             "leaves unsupervised")
+        if (empty_fill is not None or neighbour_fill) and not agreement:
+            raise ValueError("empty_fill and neighbour_fill need agreement=True: they fill pixels the agreement "
+                             "test leaves unsupervised")
+        if neighbour_fill and ignore_empty:
+            raise ValueError("ignore_empty and neighbour_fill exclude each other")
         self.network, self.dataset, self.store = network, dataset, store
         self.num_classes, self.start_epoch, self.interval = int(num_classes), int(start_epoch), int(interval)
         self.filter_loss = filter_loss if filter_loss is not None else SegmentationLoss("dice")
@@ -182,7 +189,7 @@ class SelfCleansing:
         self.unlabelled_as_noisy, self.refresh, self.agreement = unlabelled_as_noisy, refresh, agreement
         self.confident_fill, self.agreement_confidence = confident_fill, agreement_confidence
         self.repair_radius, self.empty_fill, self.flip_average = repair_radius, empty_fill, flip_average
-        self.ignore_empty = ignore_empty
+        self.ignore_empty, self.neighbour_fill = ignore_empty, neighbour_fill
         self.lcm = dict(grid=grid, sigma=sigma, mu=mu, min_fraction=component_fraction)
         self.hole_fraction = hole_fraction
         self.batch_size, self.seed, self.device = batch_size, seed, device
@@ -258,6 +265,13 @@ class SelfCleansing:
         rnd.manual_loss, rnd.pseudo_loss = manual_loss, pseudo_loss
         rnd.prediction, rnd.candidates = prediction, candidates
 
+    def _volume_sizes(self) -> list[int]:
+        info = getattr(self.dataset, "volume_info", None)
+        if not info:
+            raise ValueError("neighbour_fill needs a data set that knows its volumes (volume_info), such as "
+                             "SliceDataset")
+        return [v["n_slices"] for v in info]
+
     def _forward(self, net: torch.nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, features = (t.float() for t in net.forward_features(image))
         if self.flip_average:
@@ -318,9 +332,13 @@ class SelfCleansing:
                 keep &= rnd.confidence[redo] >= round(255 * self.agreement_confidence)
             if self.confident_fill is not None:
                 keep |= rnd.confidence[redo] >= round(255 * self.confident_fill)
+            empty = (manual[redo].flatten(1).amax(1) == 0)[:, None, None]
             if self.empty_fill is not None:
-                empty = manual[redo].flatten(1).amax(1) == 0
-                keep |= empty[:, None, None] & (rnd.confidence[redo] >= round(255 * self.empty_fill))
+                keep |= empty & (rnd.confidence[redo] >= round(255 * self.empty_fill))
+            if self.neighbour_fill:
+                previous, following = adjacent_labels(manual, self._volume_sizes())
+                beside = (cand == previous[redo]) | (cand == following[redo])
+                keep |= empty & (cand != 0) & beside
             cand = torch.where(keep, cand, torch.full_like(cand, IGNORE_INDEX))
         if self.ignore_empty:
             cand[manual[redo].flatten(1).amax(1) == 0] = IGNORE_INDEX

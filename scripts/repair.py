@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from scripts.losses import IGNORE_INDEX
 
-__all__ = ["signed_distance", "offset_mask", "offset_repair"]
+__all__ = ["signed_distance", "offset_mask", "offset_repair", "adjacent_labels"]
 
 
 def signed_distance(mask: np.ndarray) -> np.ndarray:
@@ -88,3 +88,28 @@ def offset_repair(manual: torch.Tensor, prediction: torch.Tensor, num_classes: i
         repaired[i][claims == 0] = 0
         repaired[i][claims > 1] = ignore_index
     return torch.from_numpy(repaired).to(manual.device), torch.from_numpy(offsets).to(manual.device)
+
+
+def adjacent_labels(labels: torch.Tensor, volume_sizes: list[int],
+                    missing: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """The label maps of each slice's previous and next slice in its volume.
+
+    Args:
+        labels: (N, H, W) label maps of all slices, volume after volume, slices in order within a volume.
+        volume_sizes: slices per volume, summing to N.
+        missing: the value of the maps returned for a slice at either end of its volume.
+
+    Returns:
+        ``(previous, next)``, each (N, H, W) like ``labels``.
+    """
+    if sum(volume_sizes) != labels.shape[0]:
+        raise ValueError(f"volume sizes sum to {sum(volume_sizes)}, but there are {labels.shape[0]} label maps")
+    previous = torch.full_like(labels, missing)
+    following = torch.full_like(labels, missing)
+    start = 0
+    for size in volume_sizes:
+        end = start + size
+        previous[start + 1 : end] = labels[start : end - 1]
+        following[start : end - 1] = labels[start + 1 : end]
+        start = end
+    return previous, following

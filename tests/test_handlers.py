@@ -343,8 +343,29 @@ def test_ignore_empty_leaves_slices_with_empty_labels_unsupervised():
     assert (store.labels[list(missing)] == 255).all()
     kept = [i for i in range(len(ds)) if i not in missing]
     assert torch.equal(store.labels[kept], ds.labels()[kept])
-    with pytest.raises(ValueError, match="needs agreement"):
+    with pytest.raises(ValueError, match="need agreement"):
         SelfCleansing(constant_network(ds), ds, PseudoLabelStore(), num_classes=2, start_epoch=1, empty_fill=0.9)
     with pytest.raises(ValueError, match="exclude each other"):
         SelfCleansing(constant_network(ds), ds, PseudoLabelStore(), num_classes=2, start_epoch=1, agreement=True,
                       ignore_empty=True, empty_fill=0.9)
+
+
+def test_neighbour_fill_takes_what_the_prediction_and_an_adjacent_contour_agree_on():
+    # slices 1 and 9 lie inside labelled stacks; 16 and 17 are the first two slices of the third volume, missed both
+    missing = (1, 9, 16, 17)
+    ds = toy_dataset(missing=missing)
+    store, rnd = _round_on(ds, neighbour_fill=True)
+    assert set(torch.nonzero(rnd.actions == CLEANSE).flatten().tolist()) == set(missing)
+    clean, manual = ds.clean_labels(), ds.labels()
+    for i in (1, 9):
+        beside = (clean[i] == 1) & ((manual[i - 1] == 1) | (manual[i + 1] == 1))
+        assert beside.any()
+        assert torch.equal(store.labels[i] == 1, beside)
+        # the disc pixels no neighbour covers stay unsupervised, the background the network agrees on is kept
+        assert (store.labels[i][(clean[i] == 1) & ~beside] == 255).all()
+        assert (store.labels[i][clean[i] == 0] == 0).all()
+    # slice 16 has no previous slice and a missed next one; slice 17 only the missed 16 and the labelled 18
+    assert not (store.labels[16] == 1).any()
+    assert torch.equal(store.labels[17] == 1, (clean[17] == 1) & (manual[18] == 1))
+    with pytest.raises(ValueError, match="need agreement"):
+        SelfCleansing(constant_network(ds), ds, PseudoLabelStore(), num_classes=2, start_epoch=1, neighbour_fill=True)

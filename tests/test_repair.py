@@ -9,7 +9,7 @@ import torch
 from scipy import ndimage
 
 from scripts.noise import disk
-from scripts.repair import offset_mask, offset_repair, signed_distance
+from scripts.repair import adjacent_labels, offset_mask, offset_repair, signed_distance
 
 
 def disc(size: int, radius: float, centre=None) -> np.ndarray:
@@ -100,3 +100,12 @@ def test_slices_without_foreground_and_bad_input():
         offset_repair(empty, torch.zeros(2, 16, 17, dtype=torch.uint8), num_classes=2, max_radius=3)
     with pytest.raises(ValueError, match="max_radius"):
         offset_repair(empty, empty, num_classes=2, max_radius=-1)
+
+
+def test_adjacent_labels_stay_inside_their_volume():
+    labels = torch.arange(5, dtype=torch.uint8)[:, None, None].expand(5, 2, 2).clone()
+    previous, following = adjacent_labels(labels, [3, 2])
+    assert previous[:, 0, 0].tolist() == [255, 0, 1, 255, 3]
+    assert following[:, 0, 0].tolist() == [1, 2, 255, 4, 255]
+    with pytest.raises(ValueError, match="sum to 4"):
+        adjacent_labels(labels, [2, 2])
