@@ -199,6 +199,8 @@ class SelfCleansing:
     def attach(self, engine: Engine) -> None:
         if not self.enabled:
             return
+        if self.neighbour_fill:
+            self._volume_sizes()  # a data set without volumes fails now, not after the warm-up
         engine.register_events(*CleansingEvents)
         self.store.ensure(self.dataset.labels())
         self.dataset.store = self.store

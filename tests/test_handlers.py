@@ -369,3 +369,8 @@ def test_neighbour_fill_takes_what_the_prediction_and_an_adjacent_contour_agree_
     assert torch.equal(store.labels[17] == 1, (clean[17] == 1) & (manual[18] == 1))
     with pytest.raises(ValueError, match="need agreement"):
         SelfCleansing(constant_network(ds), ds, PseudoLabelStore(), num_classes=2, start_epoch=1, neighbour_fill=True)
+    flat = torch.utils.data.TensorDataset(ds.labels())  # slices without volumes: no neighbours to ask
+    handler = SelfCleansing(constant_network(ds), flat, PseudoLabelStore(), num_classes=2, start_epoch=1,
+                            agreement=True, neighbour_fill=True)
+    with pytest.raises(ValueError, match="volume_info"):
+        handler.attach(Engine(lambda engine, batch: None))
