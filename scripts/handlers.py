@@ -129,7 +129,8 @@ class SelfCleansing:
             annotator's shape at the network's size (``None``: the manual label as drawn).
         flip_average: the round's prediction, losses and features are the mean over the slice and its three flips
             (left-right, up-down, both), each mapped back: a steadier prediction for the filter and the agreement
-            test, at four forward passes per slice instead of one.
+            test, at four forward passes per slice instead of one. Leave it off where a flip changes what a label
+            means (left and right structures with separate labels).
         grid, sigma, mu, component_fraction, hole_fraction: LCM parameters (K, σ, μ, post-processing).
         batch_size: slices per forward pass during the round.
         seed: seed of the GMM fits.
