@@ -324,6 +324,8 @@ class SelfCleansing:
         keep_manual, redo = rnd.actions == KEEP_MANUAL, rnd.actions == CLEANSE
         new[keep_manual] = manual[keep_manual]
         cand = rnd.candidates[redo]
+        # slices whose manual label has no foreground: missed slices, or slices that truly show nothing
+        empty = (manual[redo].flatten(1).amax(1) == 0)[:, None, None]
         if self.agreement:
             reference = manual[redo]
             if self.repair_radius is not None:
@@ -335,7 +337,6 @@ class SelfCleansing:
                 keep &= rnd.confidence[redo] >= round(255 * self.agreement_confidence)
             if self.confident_fill is not None:
                 keep |= rnd.confidence[redo] >= round(255 * self.confident_fill)
-            empty = (manual[redo].flatten(1).amax(1) == 0)[:, None, None]
             if self.empty_fill is not None:
                 keep |= empty & (rnd.confidence[redo] >= round(255 * self.empty_fill))
             if self.neighbour_fill:
@@ -344,7 +345,7 @@ class SelfCleansing:
                 keep |= empty & (cand != 0) & beside
             cand = torch.where(keep, cand, torch.full_like(cand, IGNORE_INDEX))
         if self.ignore_empty:
-            cand[manual[redo].flatten(1).amax(1) == 0] = IGNORE_INDEX
+            cand[empty.flatten()] = IGNORE_INDEX
         new[redo] = cand
         clean = self.dataset.clean_labels() if hasattr(self.dataset, "clean_labels") else None
         if clean is not None:

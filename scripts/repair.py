@@ -85,7 +85,6 @@ def offset_repair(manual: torch.Tensor, prediction: torch.Tensor, num_classes: i
                 chosen = inside[k]
             claims += chosen
             repaired[i][chosen] = c
-        repaired[i][claims == 0] = 0
         repaired[i][claims > 1] = ignore_index
     return torch.from_numpy(repaired).to(manual.device), torch.from_numpy(offsets).to(manual.device)
 

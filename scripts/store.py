@@ -63,12 +63,11 @@ class PseudoLabelStore:
         if self.source is None:
             self.initialise(manual_labels)
             return
-        self.load_state_dict(_read_store(self.source))
-        if tuple(self.labels.shape) != tuple(manual_labels.shape):
-            shape = tuple(self.labels.shape)
-            self.initialise(manual_labels)  # leave the store usable for a caller that catches the error
-            raise ValueError(f"{self.source}: its pseudo-labels have shape {shape}, the training data "
-                             f"{tuple(manual_labels.shape)}; it was made on other data")
+        state = _read_store(self.source)
+        if tuple(state["labels"].shape) != tuple(manual_labels.shape):
+            raise ValueError(f"{self.source}: its pseudo-labels have shape {tuple(state['labels'].shape)}, the "
+                             f"training data {tuple(manual_labels.shape)}; it was made on other data")
+        self.load_state_dict(state)
 
     def get(self, index: int) -> torch.Tensor:
         return self.labels[index]
