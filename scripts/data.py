@@ -20,7 +20,7 @@ import torch
 from monai.data import Dataset, get_track_meta, set_track_meta
 from monai.transforms import apply_transform
 
-from scripts.noise import simulate_label_noise
+from scripts.noise import oracle_labels, simulate_label_noise
 from scripts.phantom import METADATA_FILE
 
 logger = logging.getLogger(__name__)
@@ -169,6 +169,9 @@ class SliceDataset(Dataset):
         label_noise: optional ``{"alpha", "beta", "seed", "radius_scale"}``: simulate label noise (Sec. 3.2) on the
             slices' labels, keeping the originals, which :meth:`clean_labels` returns for reporting.
         num_classes: classes including background, needed with ``label_noise``.
+        oracle: with ``label_noise`` only: replace the noisy labels by a reference set built from the true noise
+            flags (``"drop_noisy"``, ``"drop_missing"``, ``"fix_boundary"``, see
+            :func:`scripts.noise.oracle_labels`), to measure what a perfect filter or repair would reach.
         track_meta: whether ``transform`` runs with MONAI's meta data tracking (off by default: slices carry their
             identity in plain keys).
     """
@@ -184,6 +187,7 @@ class SliceDataset(Dataset):
         label_noise: dict | None = None,
         num_classes: int | None = None,
         track_meta: bool = False,
+        oracle: str | None = None,
     ) -> None:
         self.volumes = list(data)
         self.keys = tuple(keys)
@@ -218,6 +222,14 @@ class SliceDataset(Dataset):
             self.noise_flags = torch.as_tensor(flags)
             logger.info(f"SliceDataset: simulated noise {label_noise} on {int((self.noise_flags > 0).sum())} "
                         f"of {len(samples)} slices")
+        if oracle is not None:
+            if not label_noise:
+                raise ValueError(f"oracle '{oracle}' needs label_noise: it is built from the true noise flags")
+            labels = oracle_labels(self.labels(), self.clean_labels(), self.noise_flags, oracle)
+            for s, lab in zip(self.data, labels):
+                s["label"] = lab[None]
+            logger.info(f"SliceDataset: oracle '{oracle}' labels, {int((labels == 255).flatten(1).all(1).sum())} "
+                        f"slices without supervision")
 
     @staticmethod
     def _load_volume(volume_transform, rec: dict) -> dict:

@@ -48,7 +48,17 @@ class SegmentationLoss(nn.Module):
                                     smooth_dr=smooth_dr)
         self.masked_binary_dice = DiceLoss(reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, absent_unknown: bool = False) -> torch.Tensor:
+        """Per-sample loss of ``logits`` (B, C, ...) against the class map ``target`` (B, 1, ...).
+
+        With ``absent_unknown`` a foreground class that a sample's target does not contain is not taken as absent
+        but as unknown: its Dice term is left out and a background pixel may be that class too (its cross-entropy
+        is ``-log`` of the summed probability of background and the absent classes). An erosion that wipes out a
+        thin structure, or a missed slice, then no longer teaches background where the structure is; an all-
+        background target costs nothing.
+        """
+        if absent_unknown:
+            return self._absent_unknown(logits, target)
         binary = logits.shape[1] == 1
         ignored = target == self.ignore_index
         if not ignored.any():
@@ -76,6 +86,32 @@ class SegmentationLoss(nn.Module):
             loss = loss + self.ce_weight * ce
         return loss
 
+    def _absent_unknown(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.shape[1] == 1:
+            # one foreground class: absent means an all-background target, which then says nothing
+            labelled = ((target > 0) & (target != self.ignore_index)).flatten(1).any(1)
+            return self.forward(logits, target) * labelled.to(logits.dtype)
+        num_classes = logits.shape[1]
+        valid = target != self.ignore_index
+        labels = target.masked_fill(~valid, 0)[:, 0].long()
+        onehot = F.one_hot(labels, num_classes).movedim(-1, 1).to(logits.dtype) * valid
+        present = onehot.flatten(2).amax(2) > 0  # (B, C)
+        present[:, 0] = True
+        probs = probabilities(logits)
+        dice = self.masked_dice(probs * valid, onehot).flatten(2).mean(2)  # (B, C-1)
+        # absent classes drop out, the others keep the weight they have without the option
+        loss = (dice * present[:, 1:]).sum(1) / (num_classes - 1)
+        if self.kind == "dicece":
+            absent = ~present.view(*present.shape, *[1] * (onehot.ndim - 2))
+            # ignored pixels allow every class: finite values (and gradients) that the mask below then drops
+            allowed = onehot.bool() | ((labels == 0)[:, None] & absent) | ~valid
+            log_probs = torch.log_softmax(logits, dim=1).masked_fill(~allowed, float("-inf"))
+            ce = -torch.logsumexp(log_probs, dim=1, keepdim=True)
+            ce = torch.where(valid, ce, torch.zeros_like(ce))
+            ce = ce.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)
+            loss = loss + self.ce_weight * ce
+        return loss
+
 
 class HybridLoss(nn.Module):
     """``λ1·L(ŷ, y) + λ2·L(ŷ, y')`` (Eq. 7), one value per sample.
@@ -90,12 +126,21 @@ class HybridLoss(nn.Module):
             slice looks exactly like that, and under a loss where empty targets carry gradient it pulls the whole
             warm-up towards background; a truly empty slice gets its supervision back through Y' once the filter
             has called it Clean. Applies only with a pseudo-label channel, i.e. under self-cleansing.
+        absent_unknown_manual: the manual term treats a class missing from a sample's manual label as unknown
+            rather than absent (``SegmentationLoss(absent_unknown=True)``), which extends ``ignore_empty_manual``
+            from missed slices to structures an erosion or a careless annotator wiped out. A truly absent class gets
+            its supervision back, as above, through Y' once the slice is called Clean. Needs a
+            :class:`SegmentationLoss`; only with a pseudo-label channel.
     """
 
-    def __init__(self, loss: nn.Module | None = None, ignore_empty_manual: bool = False) -> None:
+    def __init__(self, loss: nn.Module | None = None, ignore_empty_manual: bool = False,
+                 absent_unknown_manual: bool = False) -> None:
         super().__init__()
         self.loss = loss if loss is not None else SegmentationLoss()
+        if absent_unknown_manual and not isinstance(self.loss, SegmentationLoss):
+            raise TypeError(f"absent_unknown_manual needs a SegmentationLoss, got {type(self.loss).__name__}")
         self.ignore_empty_manual = ignore_empty_manual
+        self.absent_unknown_manual = absent_unknown_manual
         self.lambda1, self.lambda2 = 1.0, 0.0
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -105,7 +150,8 @@ class HybridLoss(nn.Module):
         total = torch.zeros(logits.shape[0], device=logits.device, dtype=logits.dtype)
         # a zero weight skips its term: no wasted backward through a branch that cannot contribute
         if self.lambda1 > 0:
-            term = self.loss(logits, manual)
+            term = self.loss(logits, manual, absent_unknown=True) if self.absent_unknown_manual \
+                else self.loss(logits, manual)
             if self.ignore_empty_manual:
                 labelled = ((manual > 0) & (manual != IGNORE_INDEX)).flatten(1).any(1)
                 term = term * labelled.to(term.dtype)

@@ -46,13 +46,17 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["CLEAN", "MISSING", "BOUNDARY", "disk", "simulate_label_noise"]
+__all__ = ["CLEAN", "MISSING", "BOUNDARY", "ORACLES", "disk", "simulate_label_noise", "oracle_labels"]
 
 CLEAN = 0
 MISSING = 1
 BOUNDARY = 2
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
+
+# Reference label sets built from the true noise flags (see ``oracle_labels``).
+ORACLES = ("drop_noisy", "drop_missing", "fix_boundary")
+UNSUPERVISED = 255  # the losses' ignore index
 
 
 def disk(radius: int) -> np.ndarray:
@@ -170,3 +174,32 @@ def simulate_label_noise(
     if return_details:
         return noisy_out, flags_out, details
     return noisy_out, flags_out
+
+
+def oracle_labels(noisy: torch.Tensor, clean: torch.Tensor, flags: torch.Tensor, oracle: str) -> torch.Tensor:
+    """Training labels that only someone who knows the true noise flags could build: upper bounds to judge a
+    noise-robust method against, never a method itself.
+
+    ``drop_noisy`` takes every noisy slice out of supervision (a perfect filter that discards what it finds);
+    ``drop_missing`` takes the missed slices out and leaves the boundary noise as it is (perfect handling of
+    missing labels alone); ``fix_boundary`` takes the missed slices out and gives the boundary-noise slices their
+    clean labels back (a perfect filter with a perfect contour repair: what a method reaches when it cannot
+    invent the foreground of a missed slice). Slices taken out are filled with the losses' ignore index 255.
+
+    Args:
+        noisy, clean: (N, H, W) label maps after and before the noise.
+        flags: (N,) ``CLEAN`` / ``MISSING`` / ``BOUNDARY`` per slice, as ``simulate_label_noise`` returns them.
+        oracle: one of ``ORACLES``.
+    """
+    if oracle not in ORACLES:
+        raise ValueError(f"unknown oracle '{oracle}': use one of {list(ORACLES)}")
+    if noisy.shape != clean.shape or noisy.ndim != 3 or tuple(flags.shape) != noisy.shape[:1]:
+        raise ValueError(f"oracle labels need (N, H, W) noisy and clean maps and (N,) flags, got "
+                         f"{tuple(noisy.shape)}, {tuple(clean.shape)} and {tuple(flags.shape)}")
+    out = noisy.clone()
+    dropped = flags != CLEAN if oracle == "drop_noisy" else flags == MISSING
+    out[dropped] = UNSUPERVISED
+    if oracle == "fix_boundary":
+        fixed = flags == BOUNDARY
+        out[fixed] = clean[fixed]
+    return out

@@ -259,6 +259,22 @@ def test_default_noise_reaches_phantoms_only(acdc_dir, tmp_path):
     assert noise({"dataset_dir": str(phantom), "data_root": str(phantom), "train#dataset#data": user}) is None
 
 
+def test_oracle_labels_replace_the_noisy_ones(acdc_dir):
+    records = acdc_datalist(str(acdc_dir), "train")
+    noise = {**NOISE, "alpha": 0.5}
+    noisy = SliceDataset(records, volume_transform=LOAD, label_noise=noise, num_classes=4)
+    oracle = SliceDataset(records, volume_transform=LOAD, label_noise=noise, num_classes=4, oracle="drop_noisy")
+    torch.testing.assert_close(oracle.noise_flags, noisy.noise_flags)
+    flagged = noisy.noise_flags > 0
+    assert flagged.any() and (~flagged).any()
+    assert (oracle.labels()[flagged] == 255).all()
+    torch.testing.assert_close(oracle.labels()[~flagged], noisy.clean_labels()[~flagged])
+    # the loader hands the ignore value on to the loss unchanged
+    assert (oracle[int(flagged.nonzero()[0])]["label"] == 255).all()
+    with pytest.raises(ValueError, match="oracle 'drop_noisy' needs label_noise"):
+        SliceDataset(records, volume_transform=LOAD, num_classes=4, oracle="drop_noisy")
+
+
 def test_label_noise_needs_num_classes(acdc_dir):
     with pytest.raises(ValueError, match="num_classes"):
         SliceDataset(acdc_datalist(str(acdc_dir), "train"), volume_transform=LOAD, label_noise=NOISE)

@@ -133,6 +133,63 @@ def test_hybrid_loss_can_leave_empty_manual_labels_out():
     torch.testing.assert_close(hybrid(logits, manual), on_manual)
 
 
+@pytest.mark.parametrize("kind", ["dice", "dicece"])
+def test_absent_unknown_changes_nothing_when_every_class_is_drawn(kind):
+    target = _target(classes=4, seed=3)
+    target[0, 0, :2] = 255  # ignored pixels take the same path in both
+    logits = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    loss = SegmentationLoss(kind)
+    torch.testing.assert_close(loss(logits, target, absent_unknown=True), loss(logits, target))
+
+
+@pytest.mark.parametrize("kind", ["dice", "dicece"])
+def test_absent_unknown_never_pushes_a_missing_class_down(kind):
+    """A slice whose Myo (2) was wiped out: the plain loss teaches background where the Myo is, the option lets the
+    network keep it (no positive gradient on the class-2 logit at a background pixel) and still teaches the drawn
+    classes (a pixel drawn as RV or LV is still not Myo)."""
+    target = _target(b=1, classes=4, seed=5)
+    target[target == 2] = 0
+    logits = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(6))
+    loss = SegmentationLoss(kind)
+    plain, unknown = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss(plain, target).sum().backward()
+    loss(unknown, target, absent_unknown=True).sum().backward()
+    background = target[:, 0] == 0
+    if kind == "dicece":
+        assert plain.grad[:, 2][background].max() > 0, "the plain loss should push the missing class down"
+    assert unknown.grad[:, 2][background].max() <= 1e-9
+    drawn = target[:, 0] == 3
+    assert (unknown.grad[:, 3][drawn] < 0).all(), "a drawn class must still be pulled up where it is drawn"
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_absent_unknown_empty_target_costs_nothing(channels):
+    target = torch.zeros(2, 1, 8, 8)
+    target[1, 0, 2:5, 2:5] = 1
+    logits = torch.randn(2, channels, 8, 8, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    loss = SegmentationLoss("dicece")
+    out = loss(logits, target, absent_unknown=True)
+    assert abs(float(out[0])) < 1e-6 and out[1] > 0
+    out[0].backward()
+    assert logits.grad.abs().max() < 1e-6
+
+
+def test_hybrid_loss_absent_unknown_applies_to_the_manual_term_only():
+    manual = _target(classes=4, seed=0)
+    manual[manual == 1] = 0
+    pseudo = _target(classes=4, seed=1)
+    pseudo[pseudo == 1] = 0
+    logits = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    base = SegmentationLoss("dicece")
+    hybrid = HybridLoss(base, absent_unknown_manual=True)
+    hybrid.lambda1, hybrid.lambda2 = 0.5, 0.5
+    expected = 0.5 * base(logits, manual, absent_unknown=True) + 0.5 * base(logits, pseudo)
+    torch.testing.assert_close(hybrid(logits, torch.cat([manual, pseudo], 1)), expected)
+    assert not torch.allclose(expected, 0.5 * base(logits, manual) + 0.5 * base(logits, pseudo))
+    with pytest.raises(TypeError, match="needs a SegmentationLoss"):
+        HybridLoss(torch.nn.MSELoss(), absent_unknown_manual=True)
+
+
 def test_hybrid_loss_defaults_to_manual_only():
     hybrid = HybridLoss()
     assert (hybrid.lambda1, hybrid.lambda2) == (1.0, 0.0)

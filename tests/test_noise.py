@@ -3,7 +3,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from scripts.noise import BOUNDARY, CLEAN, MISSING, disk, simulate_label_noise
+from scripts.noise import BOUNDARY, CLEAN, MISSING, disk, oracle_labels, simulate_label_noise
 
 SIZE = 48
 
@@ -184,3 +184,31 @@ def test_input_validation():
         simulate_label_noise(labels + 2, 0.5, 5, 0, 2)
     with pytest.raises(TypeError):
         simulate_label_noise(labels.astype(np.float32), 0.5, 5, 0, 2)
+
+
+def test_oracle_labels_use_the_true_flags():
+    clean = torch.as_tensor(_cardiac_stack(24))
+    noisy, flags = simulate_label_noise(clean, alpha=0.75, beta=4, seed=3, num_classes=4)
+    assert {MISSING, BOUNDARY} <= set(flags.tolist()) and (flags == CLEAN).any()
+    dropped = oracle_labels(noisy, clean, flags, "drop_noisy")
+    torch.testing.assert_close(dropped[flags == CLEAN], clean[flags == CLEAN])
+    assert (dropped[flags != CLEAN] == 255).all()
+    only_missing = oracle_labels(noisy, clean, flags, "drop_missing")
+    assert (only_missing[flags == MISSING] == 255).all()
+    torch.testing.assert_close(only_missing[flags != MISSING], noisy[flags != MISSING])
+    fixed = oracle_labels(noisy, clean, flags, "fix_boundary")
+    assert (fixed[flags == MISSING] == 255).all()
+    torch.testing.assert_close(fixed[flags != MISSING], clean[flags != MISSING])
+    assert not torch.equal(noisy[flags == BOUNDARY], clean[flags == BOUNDARY]), "nothing was repaired"
+    assert torch.equal(noisy, simulate_label_noise(clean, alpha=0.75, beta=4, seed=3, num_classes=4)[0])
+
+
+def test_oracle_labels_reject_bad_input():
+    clean = torch.zeros(4, 8, 8, dtype=torch.uint8)
+    flags = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="unknown oracle 'perfect'"):
+        oracle_labels(clean, clean, flags, "perfect")
+    with pytest.raises(ValueError, match=r"\(N,\) flags"):
+        oracle_labels(clean, clean, flags[:3], "drop_noisy")
+    with pytest.raises(ValueError, match="noisy and clean"):
+        oracle_labels(clean, clean[:, :4], flags, "fix_boundary")
