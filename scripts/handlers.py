@@ -32,7 +32,7 @@ from scripts.filtering import (
 from scripts.losses import IGNORE_INDEX, HybridLoss, SegmentationLoss, probabilities
 from scripts.metrics import label_dice, pooled_dice, supervised_fraction
 from scripts.prototypes import cleanse_batch
-from scripts.repair import adjacent_labels, offset_repair
+from scripts.repair import adjacent_labels, near_foreground, offset_repair
 from scripts.schedule import hybrid_weights
 from scripts.store import PseudoLabelStore
 
@@ -122,6 +122,10 @@ class SelfCleansing:
         ignore_empty: a cleansed slice whose manual label has no foreground carries no supervision at all, instead
             of the background the network agrees on: where the network misses part of a structure, a missed
             slice would otherwise teach background there.
+        empty_margin: with ``agreement``, on a cleansed slice whose manual label is empty, the background the network
+            agrees on is kept only farther than this many pixels (chessboard distance) from its predicted foreground:
+            a missed slice still teaches background away from the structures, but not where the network may have
+            cut a structure short (``None``: all agreed background).
         repair_radius: with ``agreement``, each structure of the manual label is first moved onto the network's
             prediction by the dilation or erosion of at most this many pixels that fits it best
             (:func:`scripts.repair.offset_repair`), and the agreement test compares the LCM output with that
@@ -157,6 +161,7 @@ class SelfCleansing:
         empty_fill: float | None = None,
         neighbour_fill: bool = False,
         ignore_empty: bool = False,
+        empty_margin: int | None = None,
         repair_radius: int | None = None,
         flip_average: bool = False,
         grid: int = 64,
@@ -183,6 +188,9 @@ class SelfCleansing:
                              "test leaves unsupervised")
         if neighbour_fill and ignore_empty:
             raise ValueError("ignore_empty and neighbour_fill exclude each other")
+        if empty_margin is not None and (not agreement or ignore_empty or empty_margin < 1):
+            raise ValueError(f"empty_margin ({empty_margin}) needs agreement=True, ignore_empty=False and a margin "
+                             ">= 1")
         self.network, self.dataset, self.store = network, dataset, store
         self.num_classes, self.start_epoch, self.interval = int(num_classes), int(start_epoch), int(interval)
         self.filter_loss = filter_loss if filter_loss is not None else SegmentationLoss("dice")
@@ -190,7 +198,7 @@ class SelfCleansing:
         self.unlabelled_as_noisy, self.refresh, self.agreement = unlabelled_as_noisy, refresh, agreement
         self.confident_fill, self.agreement_confidence = confident_fill, agreement_confidence
         self.repair_radius, self.empty_fill, self.flip_average = repair_radius, empty_fill, flip_average
-        self.ignore_empty, self.neighbour_fill = ignore_empty, neighbour_fill
+        self.ignore_empty, self.neighbour_fill, self.empty_margin = ignore_empty, neighbour_fill, empty_margin
         self.lcm = dict(grid=grid, sigma=sigma, mu=mu, min_fraction=component_fraction)
         self.hole_fraction = hole_fraction
         self.batch_size, self.seed, self.device = batch_size, seed, device
@@ -344,6 +352,9 @@ class SelfCleansing:
                 beside = (cand == previous[redo]) | (cand == following[redo])
                 keep |= empty & (cand != 0) & beside
             cand = torch.where(keep, cand, torch.full_like(cand, IGNORE_INDEX))
+            if self.empty_margin is not None:
+                near = near_foreground(rnd.prediction[redo], self.empty_margin)
+                cand[empty & near & (cand == 0)] = IGNORE_INDEX
         if self.ignore_empty:
             cand[empty.flatten()] = IGNORE_INDEX
         new[redo] = cand

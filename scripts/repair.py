@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from scripts.losses import IGNORE_INDEX
 
-__all__ = ["signed_distance", "offset_mask", "offset_repair", "adjacent_labels"]
+__all__ = ["signed_distance", "offset_mask", "offset_repair", "adjacent_labels", "near_foreground"]
 
 
 def signed_distance(mask: np.ndarray) -> np.ndarray:
@@ -112,3 +113,12 @@ def adjacent_labels(labels: torch.Tensor, volume_sizes: list[int],
         following[start : end - 1] = labels[start + 1 : end]
         start = end
     return previous, following
+
+
+def near_foreground(labels: torch.Tensor, margin: int) -> torch.Tensor:
+    """Pixels within ``margin`` pixels (chessboard distance) of any foreground pixel of (N, H, W) label maps, the
+    foreground included, as a boolean (N, H, W) tensor."""
+    if labels.ndim != 3 or margin < 0:
+        raise ValueError(f"need (N, H, W) labels and a margin >= 0, got shape {tuple(labels.shape)} and {margin}")
+    foreground = ((labels > 0) & (labels != IGNORE_INDEX)).float()[:, None]
+    return F.max_pool2d(foreground, 2 * margin + 1, stride=1, padding=margin)[:, 0] > 0

@@ -18,6 +18,7 @@ from scripts.handlers import CleansingRound, HybridLossSchedule, SelfCleansing
 from scripts.losses import HybridLoss, SegmentationLoss
 from scripts.network import ResidualUNet
 from scripts.noise import disk
+from scripts.repair import near_foreground
 from scripts.store import PseudoLabelStore
 
 
@@ -348,6 +349,26 @@ def test_ignore_empty_leaves_slices_with_empty_labels_unsupervised():
     with pytest.raises(ValueError, match="exclude each other"):
         SelfCleansing(constant_network(ds), ds, PseudoLabelStore(), num_classes=2, start_epoch=1, agreement=True,
                       ignore_empty=True, empty_fill=0.9)
+
+
+def test_empty_margin_keeps_a_missed_slice_background_only_away_from_the_prediction():
+    missing = (1, 5, 9, 13, 17, 21)
+    ds = toy_dataset(missing=missing)
+    plain, _ = _round_on(ds)
+    store, rnd = _round_on(ds, empty_margin=3)
+    clean, idx = ds.clean_labels(), list(missing)
+    near = near_foreground(rnd.prediction[idx], 3)
+    assert (near & (clean[idx] == 0)).any() and (~near).any()
+    # within the margin nothing is supervised; beyond it the agreed background, exactly as without the option
+    assert (store.labels[idx][near] == 255).all()
+    assert torch.equal(store.labels[idx][~near], plain.labels[idx][~near])
+    assert (store.labels[idx][~near] == 0).all()
+    kept = [i for i in range(len(ds)) if i not in missing]
+    assert torch.equal(store.labels[kept], plain.labels[kept])
+    for bad in ({"empty_margin": 2}, {"agreement": True, "empty_margin": 0},
+                {"agreement": True, "ignore_empty": True, "empty_margin": 2}):
+        with pytest.raises(ValueError, match="empty_margin"):
+            SelfCleansing(constant_network(ds), ds, PseudoLabelStore(), num_classes=2, start_epoch=1, **bad)
 
 
 def test_neighbour_fill_takes_what_the_prediction_and_an_adjacent_contour_agree_on():

@@ -9,7 +9,7 @@ import torch
 from scipy import ndimage
 
 from scripts.noise import disk
-from scripts.repair import adjacent_labels, offset_mask, offset_repair, signed_distance
+from scripts.repair import adjacent_labels, near_foreground, offset_mask, offset_repair, signed_distance
 
 
 def disc(size: int, radius: float, centre=None) -> np.ndarray:
@@ -109,3 +109,18 @@ def test_adjacent_labels_stay_inside_their_volume():
     assert following[:, 0, 0].tolist() == [1, 2, 255, 4, 255]
     with pytest.raises(ValueError, match="sum to 4"):
         adjacent_labels(labels, [2, 2])
+
+
+@pytest.mark.parametrize("margin", [0, 1, 3])
+def test_near_foreground_is_the_chessboard_neighbourhood(margin):
+    rng = np.random.default_rng(margin)
+    labels = torch.as_tensor(rng.random((3, 20, 24)) > 0.97).to(torch.uint8) * 2
+    labels[2] = 0
+    labels[1, 0, :] = 255  # unsupervised pixels are not foreground
+    near = near_foreground(labels, margin).numpy()
+    for i in range(3):
+        fg = (labels[i].numpy() > 0) & (labels[i].numpy() != 255)
+        expected = ndimage.distance_transform_cdt(~fg, metric="chessboard") <= margin if fg.any() else np.zeros_like(fg)
+        np.testing.assert_array_equal(near[i], expected)
+    with pytest.raises(ValueError, match="margin >= 0"):
+        near_foreground(labels, -1)
