@@ -122,6 +122,9 @@ class SelfCleansing:
         ignore_empty: a cleansed slice whose manual label has no foreground carries no supervision at all, instead
             of the background the network agrees on: where the network misses part of a structure, a missed
             slice would otherwise teach background there.
+        ignore_drawn: a cleansed slice whose manual label has foreground carries no supervision at all: contours
+            judged wrong teach nothing, neither where the network agrees with them (which confirms the network's own
+            boundary errors) nor elsewhere. Slices with an empty label keep their pseudo-label.
         empty_margin: with ``agreement``, on a cleansed slice whose manual label is empty, the background the network
             agrees on is kept only farther than this many pixels (chessboard distance) from its predicted foreground:
             a missed slice still teaches background away from the structures, but not where the network may have
@@ -161,6 +164,7 @@ class SelfCleansing:
         empty_fill: float | None = None,
         neighbour_fill: bool = False,
         ignore_empty: bool = False,
+        ignore_drawn: bool = False,
         empty_margin: int | None = None,
         repair_radius: int | None = None,
         flip_average: bool = False,
@@ -188,6 +192,9 @@ class SelfCleansing:
                              "test leaves unsupervised")
         if neighbour_fill and ignore_empty:
             raise ValueError("ignore_empty and neighbour_fill exclude each other")
+        if ignore_drawn and ignore_empty:
+            raise ValueError("ignore_drawn and ignore_empty together leave every cleansed slice out: use "
+                             "pseudo_source='none' for that")
         if empty_margin is not None and (not agreement or ignore_empty or empty_margin < 1):
             raise ValueError(f"empty_margin ({empty_margin}) needs agreement=True, ignore_empty=False and a margin "
                              ">= 1")
@@ -199,6 +206,7 @@ class SelfCleansing:
         self.confident_fill, self.agreement_confidence = confident_fill, agreement_confidence
         self.repair_radius, self.empty_fill, self.flip_average = repair_radius, empty_fill, flip_average
         self.ignore_empty, self.neighbour_fill, self.empty_margin = ignore_empty, neighbour_fill, empty_margin
+        self.ignore_drawn = ignore_drawn
         self.lcm = dict(grid=grid, sigma=sigma, mu=mu, min_fraction=component_fraction)
         self.hole_fraction = hole_fraction
         self.batch_size, self.seed, self.device = batch_size, seed, device
@@ -357,6 +365,8 @@ class SelfCleansing:
                 cand[empty & near & (cand == 0)] = IGNORE_INDEX
         if self.ignore_empty:
             cand[empty.flatten()] = IGNORE_INDEX
+        if self.ignore_drawn:
+            cand[~empty.flatten()] = IGNORE_INDEX
         new[redo] = cand
         clean = self.dataset.clean_labels() if hasattr(self.dataset, "clean_labels") else None
         if clean is not None:

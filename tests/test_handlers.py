@@ -371,6 +371,27 @@ def test_empty_margin_keeps_a_missed_slice_background_only_away_from_the_predict
             SelfCleansing(constant_network(ds), ds, PseudoLabelStore(), num_classes=2, start_epoch=1, **bad)
 
 
+def test_ignore_drawn_leaves_cleansed_contours_out_and_keeps_missed_slices():
+    missing = (1, 5, 9, 13)
+    ds = toy_dataset(missing=missing)
+    labels, tight = ds.labels().clone(), [3, 7, 11]
+    for i in tight:  # contours drawn too tight
+        labels[i] = torch.as_tensor(ndimage.binary_erosion(labels[i].numpy(), disk(4))).to(torch.uint8)
+    ds.set_labels(labels)
+    plain, _ = _round_on(ds)
+    store, rnd = _round_on(ds, ignore_drawn=True)
+    assert set(torch.nonzero(rnd.actions == CLEANSE).flatten().tolist()) == set(missing) | set(tight)
+    assert (plain.labels[tight] == 1).any(), "without the option the agreed core teaches"
+    assert (store.labels[tight] == 255).all()
+    torch.testing.assert_close(store.labels[list(missing)], plain.labels[list(missing)])
+    assert (store.labels[list(missing)] == 0).any()
+    kept = [i for i in range(len(ds)) if i not in missing + tuple(tight)]
+    assert torch.equal(store.labels[kept], ds.labels()[kept])
+    with pytest.raises(ValueError, match="pseudo_source='none'"):
+        SelfCleansing(constant_network(ds), ds, PseudoLabelStore(), num_classes=2, start_epoch=1, ignore_drawn=True,
+                      ignore_empty=True)
+
+
 def test_neighbour_fill_takes_what_the_prediction_and_an_adjacent_contour_agree_on():
     # slices 1 and 9 lie inside labelled stacks; 16 and 17 are the first two slices of the third volume, missed both
     missing = (1, 9, 16, 17)
