@@ -20,6 +20,7 @@ import torch
 from monai.data import Dataset, get_track_meta, set_track_meta
 from monai.transforms import apply_transform
 
+from scripts.losses import IGNORE_INDEX
 from scripts.noise import oracle_labels, simulate_label_noise
 from scripts.phantom import METADATA_FILE
 
@@ -228,8 +229,8 @@ class SliceDataset(Dataset):
             labels = oracle_labels(self.labels(), self.clean_labels(), self.noise_flags, oracle)
             for s, lab in zip(self.data, labels):
                 s["label"] = lab[None]
-            logger.info(f"SliceDataset: oracle '{oracle}' labels, {int((labels == 255).flatten(1).all(1).sum())} "
-                        f"slices without supervision")
+            dropped = int((labels == IGNORE_INDEX).flatten(1).all(1).sum())
+            logger.info(f"SliceDataset: oracle '{oracle}' labels, {dropped} slices without supervision")
 
     @staticmethod
     def _load_volume(volume_transform, rec: dict) -> dict:

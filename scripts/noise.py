@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from scripts.losses import IGNORE_INDEX
+
 __all__ = ["CLEAN", "MISSING", "BOUNDARY", "ORACLES", "disk", "simulate_label_noise", "oracle_labels"]
 
 CLEAN = 0
@@ -56,7 +58,6 @@ ArrayLike = Union[torch.Tensor, np.ndarray]
 
 # Reference label sets built from the true noise flags (see ``oracle_labels``).
 ORACLES = ("drop_noisy", "drop_missing", "fix_boundary")
-UNSUPERVISED = 255  # the losses' ignore index
 
 
 def disk(radius: int) -> np.ndarray:
@@ -198,7 +199,7 @@ def oracle_labels(noisy: torch.Tensor, clean: torch.Tensor, flags: torch.Tensor,
                          f"{tuple(noisy.shape)}, {tuple(clean.shape)} and {tuple(flags.shape)}")
     out = noisy.clone()
     dropped = flags != CLEAN if oracle == "drop_noisy" else flags == MISSING
-    out[dropped] = UNSUPERVISED
+    out[dropped] = IGNORE_INDEX
     if oracle == "fix_boundary":
         fixed = flags == BOUNDARY
         out[fixed] = clean[fixed]
