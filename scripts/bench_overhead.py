@@ -45,12 +45,11 @@ def main(argv=None) -> int:
     try:
         base, ours = [], []
         for r in range(args.repeats):
-            if r % 2:
-                tc, rounds = timed_run(True, args.epochs, args.interval, f"{tmp}/cleansing{r}")
-                tb, _ = timed_run(False, args.epochs, args.interval, f"{tmp}/baseline{r}")
-            else:
-                tb, _ = timed_run(False, args.epochs, args.interval, f"{tmp}/baseline{r}")
-                tc, rounds = timed_run(True, args.epochs, args.interval, f"{tmp}/cleansing{r}")
+            runs = {}
+            for cleansing in ((True, False) if r % 2 else (False, True)):
+                runs[cleansing] = timed_run(cleansing, args.epochs, args.interval,
+                                            f"{tmp}/{'cleansing' if cleansing else 'baseline'}{r}")
+            (tb, _), (tc, rounds) = runs[False], runs[True]
             base.append(tb)
             ours.append(tc)
             print(f"repeat {r}: baseline {tb:.1f} s, self-cleansing {tc:.1f} s ({rounds} cleansing rounds)")

@@ -227,8 +227,7 @@ class SliceDataset(Dataset):
             if not label_noise:
                 raise ValueError(f"oracle '{oracle}' needs label_noise: it is built from the true noise flags")
             labels = oracle_labels(self.labels(), self.clean_labels(), self.noise_flags, oracle)
-            for s, lab in zip(self.data, labels):
-                s["label"] = lab[None]
+            self.set_labels(labels)  # the clean labels kept by the noise step stay as they are
             dropped = int((labels == IGNORE_INDEX).flatten(1).all(1).sum())
             logger.info(f"SliceDataset: oracle '{oracle}' labels, {dropped} slices without supervision")
 
