@@ -1,6 +1,9 @@
 """Pictures of a cleansing round: the GMM fit over the loss histogram (Fig. 2), grid representation maps (Fig. 3)
 and pseudo-label examples (Fig. 7). Each function takes tensors and returns an RGB array (H, W, 3) uint8, so it can
-go to a PNG file and to TensorBoard alike."""
+go to a PNG file and to TensorBoard alike.
+
+The image panels are composed as one array with NumPy and shown in a single matplotlib axes, which only adds the
+names: a grid of sixteen axes took most of a round's drawing time, and the figures are drawn every round."""
 
 from __future__ import annotations
 
@@ -11,14 +14,19 @@ matplotlib.use("Agg")  # figures are written to files; never open a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
 
 from scripts.filtering import FilterResult, normalise_losses  # noqa: E402
+from scripts.losses import IGNORE_INDEX  # noqa: E402
 
-__all__ = ["gmm_figure", "representation_figure", "pseudo_label_figure", "save_png"]
+__all__ = ["gmm_figure", "representation_figure", "pseudo_label_figure", "label_overlay", "degree_panel", "mosaic",
+           "save_png"]
 
-# background transparent, then RV, Myo, LV (and further classes cycle)
-LABEL_COLOURS = ListedColormap([(0, 0, 0, 0), (0.2, 0.4, 1.0, 0.55), (1.0, 0.2, 0.2, 0.55), (1.0, 0.6, 0.0, 0.55)])
+# RV, Myo, LV; further classes cycle through these
+CLASS_COLOURS = ((0.2, 0.4, 1.0), (1.0, 0.2, 0.2), (1.0, 0.6, 0.0))
+CLASS_ALPHA = 0.55
+UNSUPERVISED_COLOUR, UNSUPERVISED_ALPHA = (0.55, 0.55, 0.55), 0.6
+GAP = 2  # white pixels between the panels of a mosaic
+PANEL_INCHES = 1.9  # shown size of one panel
 
 
 def _to_rgb(fig) -> np.ndarray:
@@ -32,17 +40,77 @@ def save_png(rgb: np.ndarray, path: str) -> None:
     plt.imsave(path, rgb)
 
 
+def _unit_grey(image: torch.Tensor) -> np.ndarray:
+    """The image scaled to [0, 1] by its own range (as ``imshow`` would), as (H, W, 3)."""
+    x = image.detach().float().cpu().numpy()
+    lo, hi = float(x.min()), float(x.max())
+    x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    return np.repeat(x[..., None], 3, axis=-1)
+
+
+def label_overlay(image: torch.Tensor, label: torch.Tensor) -> np.ndarray:
+    """The image in grey with each class blended in its colour and the unsupervised pixels (255) in grey;
+    float (H, W, 3) in [0, 1]."""
+    if image.shape != label.shape:
+        raise ValueError(f"image {tuple(image.shape)} and label {tuple(label.shape)} differ in shape")
+    rgb = _unit_grey(image)
+    lab = label.detach().cpu().numpy()
+    for value in np.unique(lab).tolist():
+        if value == 0:
+            continue
+        if value == IGNORE_INDEX:
+            colour, alpha = UNSUPERVISED_COLOUR, UNSUPERVISED_ALPHA
+        else:
+            colour, alpha = CLASS_COLOURS[(value - 1) % len(CLASS_COLOURS)], CLASS_ALPHA
+        where = lab == value
+        rgb[where] = (1 - alpha) * rgb[where] + alpha * np.asarray(colour)
+    return rgb
+
+
+def mosaic(panels: list[list[np.ndarray]]) -> np.ndarray:
+    """Rows of equally sized (H, W, 3) panels in one array, with white gaps between them."""
+    h, w, _ = panels[0][0].shape
+    n_rows, n_cols = len(panels), max(len(row) for row in panels)
+    out = np.ones((n_rows * (h + GAP) - GAP, n_cols * (w + GAP) - GAP, 3), dtype=np.float32)
+    for r, row in enumerate(panels):
+        for c, panel in enumerate(row):
+            if panel.shape != (h, w, 3):
+                raise ValueError(f"panel ({r}, {c}) has shape {panel.shape}, expected {(h, w, 3)}")
+            out[r * (h + GAP): r * (h + GAP) + h, c * (w + GAP): c * (w + GAP) + w] = panel
+    return out
+
+
+def _show_mosaic(image: np.ndarray, n_rows: int, n_cols: int, row_names=(), column_names=()) -> np.ndarray:
+    """One axes showing the mosaic, names on the left and on top."""
+    left, top = (0.9 if row_names else 0.1), (0.3 if column_names else 0.1)
+    width, height = PANEL_INCHES * n_cols, PANEL_INCHES * n_rows
+    fig = plt.figure(figsize=(width + left + 0.1, height + top + 0.1), dpi=100)
+    ax = fig.add_axes((left / (width + left + 0.1), 0.1 / (height + top + 0.1),
+                       width / (width + left + 0.1), height / (height + top + 0.1)))
+    ax.imshow(image, interpolation="nearest")
+    step_y, step_x = (image.shape[0] + GAP) / n_rows, (image.shape[1] + GAP) / n_cols
+    ax.set_yticks([step_y * (r + 0.5) for r in range(len(row_names))], list(row_names), fontsize=8)
+    ax.set_xticks([step_x * (c + 0.5) for c in range(len(column_names))], list(column_names), fontsize=8)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    return _to_rgb(fig)
+
+
 def gmm_figure(losses: torch.Tensor, result: FilterResult, title: str, true_noisy: torch.Tensor | None = None):
-    """Histogram of the normalised losses with the two fitted Gaussians; split by the true flags when known."""
+    """Histogram of the normalised losses with the two fitted Gaussians; split by the true flags when known.
+    Drawn as filled outlines: one polygon per group instead of a rectangle per bin draws three times faster."""
     x = normalise_losses(losses).numpy()
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.9)
     bins = np.linspace(0, 1, 41)
     if true_noisy is not None:
         flags = true_noisy.numpy().astype(bool)
         ax.hist([x[~flags], x[flags]], bins=bins, stacked=True, density=True, color=["tab:green", "tab:red"],
-                alpha=0.6, label=["truly clean", "truly noisy"])
+                alpha=0.6, label=["truly clean", "truly noisy"], histtype="stepfilled")
     else:
-        ax.hist(x, bins=bins, density=True, color="tab:gray", alpha=0.6, label="samples")
+        ax.hist(x, bins=bins, density=True, color="tab:gray", alpha=0.6, label="samples", histtype="stepfilled")
     if result.status == "ok":
         grid = np.linspace(0, 1, 200)
         pdfs = np.asarray(result.component_pdfs(grid))
@@ -53,40 +121,26 @@ def gmm_figure(losses: torch.Tensor, result: FilterResult, title: str, true_nois
     ax.set_title(f"{title} ({result.status}): {int(result.clean.sum())} clean / {int((~result.clean).sum())} noisy",
                  fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
     return _to_rgb(fig)
+
+
+def degree_panel(degree: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+    """A (g, g) grid map with values in [0, 1] in the jet colours, each cell spread over the pixels of an image of
+    ``shape`` that it covers (nearest cell); float (H, W, 3)."""
+    h, w = shape
+    d = degree.detach().float().cpu().numpy()
+    rows, cols = np.arange(h) * d.shape[0] // h, np.arange(w) * d.shape[1] // w
+    return matplotlib.colormaps["jet"](np.clip(d[np.ix_(rows, cols)], 0, 1))[..., :3].astype(np.float32)
 
 
 def representation_figure(image: torch.Tensor, degree_maps: list[torch.Tensor], names: list[str]) -> np.ndarray:
     """The image beside each class's normalised representation degree D on the grid (Eq. 5)."""
-    fig, axes = plt.subplots(1, 1 + len(degree_maps), figsize=(2.4 * (1 + len(degree_maps)), 2.6), dpi=100)
-    axes = np.atleast_1d(axes)
-    axes[0].imshow(image.numpy(), cmap="gray")
-    axes[0].set_title("image", fontsize=8)
-    for ax, dmap, name in zip(axes[1:], degree_maps, names):
-        ax.imshow(dmap.numpy(), cmap="jet", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(f"D, {name}", fontsize=8)
-    for ax in axes:
-        ax.axis("off")
-    fig.tight_layout()
-    return _to_rgb(fig)
+    panels = [_unit_grey(image), *(degree_panel(d, tuple(image.shape)) for d in degree_maps)]
+    return _show_mosaic(mosaic([panels]), 1, len(panels), column_names=["image", *(f"D, {n}" for n in names)])
 
 
 def pseudo_label_figure(images: torch.Tensor, rows: dict[str, torch.Tensor]) -> np.ndarray:
-    """One column per sample, one row per label map (e.g. clean, manual, prediction, pseudo) over the image."""
-    n = images.shape[0]
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.9 * n, 1.9 * len(rows)), dpi=100, squeeze=False)
-    for r, (name, maps) in enumerate(rows.items()):
-        for c in range(n):
-            ax = axes[r, c]
-            ax.imshow(images[c].numpy(), cmap="gray")
-            lab = maps[c].numpy()
-            ax.imshow(np.where(lab == 255, 0, lab), cmap=LABEL_COLOURS, vmin=0, vmax=3, interpolation="nearest")
-            if (lab == 255).any():  # unsupervised pixels of an agreement pseudo-label, hatched grey
-                ax.imshow(np.ma.masked_where(lab != 255, lab), cmap="Greys", vmin=0, vmax=400, alpha=0.6)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(name, fontsize=8)
-    fig.tight_layout()
-    return _to_rgb(fig)
+    """One column per sample, one row per label map (e.g. clean, manual, prediction, pseudo) over the image;
+    unsupervised pixels (255) in grey."""
+    panels = [[label_overlay(images[c], maps[c]) for c in range(images.shape[0])] for maps in rows.values()]
+    return _show_mosaic(mosaic(panels), len(rows), images.shape[0], row_names=list(rows))
