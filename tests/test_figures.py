@@ -8,8 +8,9 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from scripts.figures import (CLASS_ALPHA, CLASS_COLOURS, GAP, UNSUPERVISED_ALPHA, UNSUPERVISED_COLOUR, degree_panel,
-                             gmm_figure, label_overlay, mosaic, pseudo_label_figure, representation_figure)
+from scripts.figures import (CLASS_ALPHA, CLASS_COLOURS, GAP, PANEL_PIXELS, UNSUPERVISED_ALPHA, UNSUPERVISED_COLOUR,
+                             degree_panel, gmm_figure, label_overlay, mosaic, pseudo_label_figure,
+                             representation_figure)
 from scripts.filtering import gmm_filter
 from scripts.handlers import CleansingImages, CleansingRound, SelfCleansing
 from scripts.store import PseudoLabelStore
@@ -120,3 +121,13 @@ def test_a_round_writes_its_pictures(tmp_path):
     # rows clean, manual, prediction, pseudo: the pseudo-label figure is taller than it is wide for two samples
     height, width, _ = writer.images[2][1]
     assert height > width
+
+
+def test_panels_reach_the_figure_unresampled():
+    """The mosaic is placed pixel for pixel, enlarged by a whole factor: a uniform panel keeps its exact colour."""
+    image = torch.zeros(1, 32, 32)
+    label = torch.full((1, 32, 32), 3, dtype=torch.uint8)
+    rgb = pseudo_label_figure(image, {"manual": label})
+    expected = np.round(255 * CLASS_ALPHA * np.array(CLASS_COLOURS[2])).astype(np.uint8)  # black image, LV colour
+    side = 32 * round(PANEL_PIXELS / 32)
+    assert (rgb == expected).all(-1).sum() == side * side
