@@ -139,8 +139,8 @@ class SelfCleansing:
             test, at four forward passes per slice instead of one. Leave it off where a flip changes what a label
             means (left and right structures with separate labels).
         grid, sigma, mu, component_fraction, hole_fraction: LCM parameters (K, σ, μ, post-processing).
-        batch_size: slices per forward pass during the round. On CPU small batches are faster (measured: the
-            round's forward over 96x96 slices took 30% less time at 8 than at 32); train.json uses 8.
+        batch_size: slices per forward pass during the round. On a 2-core CPU the pass ran faster at 4-8 slices
+            than at 32 (see docs/README.md, Speed); train.json uses 8.
         seed: seed of the GMM fits.
         enabled: ``False`` makes :meth:`attach` a no-op (the Baseline), so configs can switch cleansing off
             without changing the handler list.
