@@ -81,11 +81,12 @@ def mosaic(panels: list[list[np.ndarray]]) -> np.ndarray:
     return out
 
 
-def _show_mosaic(image: np.ndarray, n_rows: int, n_cols: int, row_names=(), column_names=()) -> np.ndarray:
-    """The mosaic enlarged by a whole factor (each panel about ``PANEL_PIXELS`` high) and placed pixel for pixel
-    on a figure (``figimage``, so nothing is resampled), with the names on the left and on top."""
-    step_y, step_x = (image.shape[0] + GAP) / n_rows, (image.shape[1] + GAP) / n_cols
-    scale = max(1, round(PANEL_PIXELS / (step_y - GAP)))
+def _show_panels(panels: list[list[np.ndarray]], row_names=(), column_names=()) -> np.ndarray:
+    """The panels' mosaic enlarged by a whole factor (each panel about ``PANEL_PIXELS`` high) and placed pixel for
+    pixel on a figure (``figimage``, so nothing is resampled), with the names on the left and on top."""
+    h, w, _ = panels[0][0].shape
+    scale = max(1, round(PANEL_PIXELS / h))
+    image = mosaic(panels)
     # uint8 RGBA is what the renderer takes as it is; float input would be normalised and converted on every draw
     rgba = np.concatenate([(image * 255).round().astype(np.uint8), np.full((*image.shape[:2], 1), 255, np.uint8)], -1)
     big = np.repeat(np.repeat(rgba, scale, axis=0), scale, axis=1)
@@ -95,17 +96,17 @@ def _show_mosaic(image: np.ndarray, n_rows: int, n_cols: int, row_names=(), colu
     fig = plt.figure(figsize=(fig_w / 100, fig_h / 100), dpi=100)
     fig.figimage(big, xo=left, yo=margin, origin="upper")
     for r, name in enumerate(row_names):
-        y = margin + height - (r + 0.5) * step_y * scale
+        y = margin + height - (r * (h + GAP) + h / 2) * scale
         fig.text((left - 6) / fig_w, y / fig_h, name, ha="right", va="center", fontsize=8)
     for c, name in enumerate(column_names):
-        x = left + (c + 0.5) * step_x * scale
+        x = left + (c * (w + GAP) + w / 2) * scale
         fig.text(x / fig_w, (margin + height + 4) / fig_h, name, ha="center", va="bottom", fontsize=8)
     return _to_rgb(fig)
 
 
 def gmm_figure(losses: torch.Tensor, result: FilterResult, title: str, true_noisy: torch.Tensor | None = None):
     """Histogram of the normalised losses with the two fitted Gaussians; split by the true flags when known.
-    Drawn as filled outlines: one polygon per group instead of a rectangle per bin draws three times faster."""
+    Drawn as filled outlines: one polygon per group draws much faster than a rectangle per bin."""
     x = normalise_losses(losses).numpy()
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
     fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.9)
@@ -141,11 +142,11 @@ def degree_panel(degree: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
 def representation_figure(image: torch.Tensor, degree_maps: list[torch.Tensor], names: list[str]) -> np.ndarray:
     """The image beside each class's normalised representation degree D on the grid (Eq. 5)."""
     panels = [_unit_grey(image), *(degree_panel(d, tuple(image.shape)) for d in degree_maps)]
-    return _show_mosaic(mosaic([panels]), 1, len(panels), column_names=["image", *(f"D, {n}" for n in names)])
+    return _show_panels([panels], column_names=["image", *(f"D, {n}" for n in names)])
 
 
 def pseudo_label_figure(images: torch.Tensor, rows: dict[str, torch.Tensor]) -> np.ndarray:
     """One column per sample, one row per label map (e.g. clean, manual, prediction, pseudo) over the image;
     unsupervised pixels (255) in grey."""
     panels = [[label_overlay(images[c], maps[c]) for c in range(images.shape[0])] for maps in rows.values()]
-    return _show_mosaic(mosaic(panels), len(rows), images.shape[0], row_names=list(rows))
+    return _show_panels(panels, row_names=list(rows))

@@ -262,7 +262,7 @@ class SelfCleansing:
             logits, features = self._forward(net, image)
             manual_loss[ids] = self.filter_loss(logits, label).cpu()
             pseudo_loss[ids] = self.filter_loss(logits, pseudo).cpu()
-            # max(1).indices: the same first-maximum index as argmax(1), about ten times faster here on CPU
+            # max(1).indices: the same first-maximum index as argmax(1), which reduces far slower on CPU
             pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.max(1).indices
             prediction[ids] = pred.to(torch.uint8).cpu()
             probs = probabilities(logits)
