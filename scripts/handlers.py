@@ -32,9 +32,10 @@ from scripts.filtering import (
 from scripts.losses import IGNORE_INDEX, HybridLoss, SegmentationLoss, probabilities
 from scripts.metrics import label_dice, pooled_dice, supervised_fraction
 from scripts.prototypes import cleanse_batch
-from scripts.repair import adjacent_labels, near_foreground, offset_repair
+from scripts.repair import adjacent_labels
 from scripts.schedule import hybrid_weights
 from scripts.store import PseudoLabelStore
+from scripts.targets import TargetRules, cleansed_targets
 
 __all__ = ["HybridLossSchedule", "SelfCleansing", "CleansingRound", "CleansingLogger"]
 
@@ -82,7 +83,8 @@ class SelfCleansing:
 
     A round runs the network in eval mode over the whole training set without augmentation (Eq. 1 losses against
     Y and Y', the prediction, the feature map), fits GMM-1 on the manual losses and GMM-2 on the pseudo losses,
-    applies the cascade, and replaces Y' of the samples to cleanse with the LCM output.
+    applies the cascade, and replaces Y' of the samples to cleanse with the LCM output, kept where the target rules
+    (:mod:`scripts.targets`) trust it.
 
     Args:
         network: the segmentation network; it (or its ``module``) must have ``forward_features``.
@@ -183,31 +185,16 @@ class SelfCleansing:
             raise ValueError(f"unknown pseudo_source '{pseudo_source}': use 'grid', 'avg', 'pred' or 'none'")
         if interval < 1 or start_epoch < 0:
             raise ValueError(f"need interval >= 1 and start_epoch >= 0, got {interval} and {start_epoch}")
-        if ignore_empty and empty_fill is not None:
-            raise ValueError("ignore_empty and empty_fill exclude each other: a slice with an empty label is either "
-                             "left out or filled")
-        if repair_radius is not None and (not agreement or repair_radius < 0):
-            raise ValueError(f"repair_radius ({repair_radius}) needs agreement=True and a radius >= 0")
-        if (empty_fill is not None or neighbour_fill) and not agreement:
-            raise ValueError("empty_fill and neighbour_fill need agreement=True: they fill pixels the agreement "
-                             "test leaves unsupervised")
-        if neighbour_fill and ignore_empty:
-            raise ValueError("ignore_empty and neighbour_fill exclude each other")
-        if ignore_drawn and ignore_empty:
-            raise ValueError("ignore_drawn and ignore_empty together leave every cleansed slice out: use "
-                             "pseudo_source='none' for that")
-        if empty_margin is not None and (not agreement or ignore_empty or empty_margin < 1):
-            raise ValueError(f"empty_margin ({empty_margin}) needs agreement=True, ignore_empty=False and a margin "
-                             ">= 1")
+        self.rules = TargetRules(
+            agreement=agreement, agreement_confidence=agreement_confidence, confident_fill=confident_fill,
+            empty_fill=empty_fill, neighbour_fill=neighbour_fill, ignore_empty=ignore_empty, ignore_drawn=ignore_drawn,
+            empty_margin=empty_margin, repair_radius=repair_radius,
+        )
         self.network, self.dataset, self.store = network, dataset, store
         self.num_classes, self.start_epoch, self.interval = int(num_classes), int(start_epoch), int(interval)
         self.filter_loss = filter_loss if filter_loss is not None else SegmentationLoss("dice")
         self.use_filter, self.pseudo_source = use_filter, pseudo_source
-        self.unlabelled_as_noisy, self.refresh, self.agreement = unlabelled_as_noisy, refresh, agreement
-        self.confident_fill, self.agreement_confidence = confident_fill, agreement_confidence
-        self.repair_radius, self.empty_fill, self.flip_average = repair_radius, empty_fill, flip_average
-        self.ignore_empty, self.neighbour_fill, self.empty_margin = ignore_empty, neighbour_fill, empty_margin
-        self.ignore_drawn = ignore_drawn
+        self.unlabelled_as_noisy, self.refresh, self.flip_average = unlabelled_as_noisy, refresh, flip_average
         self.lcm = dict(grid=grid, sigma=sigma, mu=mu, min_fraction=component_fraction)
         self.hole_fraction = hole_fraction
         self.batch_size, self.seed, self.device = batch_size, seed, device
@@ -217,7 +204,7 @@ class SelfCleansing:
     def attach(self, engine: Engine) -> None:
         if not self.enabled:
             return
-        if self.neighbour_fill:
+        if self.rules.neighbour_fill:
             self._volume_sizes()  # a data set without volumes fails now, not after the warm-up
         engine.register_events(*CleansingEvents)
         self.store.ensure(self.dataset.labels())
@@ -341,35 +328,15 @@ class SelfCleansing:
         new = self.store.labels.clone()
         keep_manual, redo = rnd.actions == KEEP_MANUAL, rnd.actions == CLEANSE
         new[keep_manual] = manual[keep_manual]
-        cand = rnd.candidates[redo]
-        # slices whose manual label has no foreground: missed slices, or slices that truly show nothing
-        empty = (manual[redo].flatten(1).amax(1) == 0)[:, None, None]
-        if self.agreement:
-            reference = manual[redo]
-            if self.repair_radius is not None:
-                reference, offsets = offset_repair(reference, rnd.prediction[redo], self.num_classes,
-                                                   self.repair_radius)
-                rnd.summary.update(repaired_structures=int((offsets != 0).sum()))
-            keep = cand == reference
-            if self.agreement_confidence is not None:
-                keep &= rnd.confidence[redo] >= round(255 * self.agreement_confidence)
-            if self.confident_fill is not None:
-                keep |= rnd.confidence[redo] >= round(255 * self.confident_fill)
-            if self.empty_fill is not None:
-                keep |= empty & (rnd.confidence[redo] >= round(255 * self.empty_fill))
-            if self.neighbour_fill:
-                previous, following = adjacent_labels(manual, self._volume_sizes())
-                beside = (cand == previous[redo]) | (cand == following[redo])
-                keep |= empty & (cand != 0) & beside
-            cand = torch.where(keep, cand, torch.full_like(cand, IGNORE_INDEX))
-            if self.empty_margin is not None:
-                near = near_foreground(rnd.prediction[redo], self.empty_margin)
-                cand[empty & near & (cand == 0)] = IGNORE_INDEX
-        if self.ignore_empty:
-            cand[empty.flatten()] = IGNORE_INDEX
-        if self.ignore_drawn:
-            cand[~empty.flatten()] = IGNORE_INDEX
-        new[redo] = cand
+        neighbours = None
+        if self.rules.neighbour_fill:
+            previous, following = adjacent_labels(manual, self._volume_sizes())
+            neighbours = previous[redo], following[redo]
+        new[redo], repaired = cleansed_targets(rnd.candidates[redo], manual[redo], self.rules, self.num_classes,
+                                               prediction=rnd.prediction[redo], confidence=rnd.confidence[redo],
+                                               neighbours=neighbours)
+        if repaired is not None:
+            rnd.summary.update(repaired_structures=repaired)
         clean = self.dataset.clean_labels() if hasattr(self.dataset, "clean_labels") else None
         if clean is not None:
             true_noisy = (manual != clean).flatten(1).any(1)

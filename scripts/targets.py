@@ -1,0 +1,132 @@
+"""What a cleansed slice is trained on: the LCM output, kept only where a set of rules trusts it.
+
+The paper trains a cleansed slice on its LCM pseudo-label as a whole. The rules here (all off by default, which is
+the paper's behaviour) mark the pixels of that pseudo-label that are not to be trusted as unsupervised
+(``IGNORE_INDEX``), using what else the round knows of the slice: its manual label, the network's prediction and
+confidence, and the manual labels of the slices next to it. :class:`~scripts.handlers.SelfCleansing` takes the
+rules as keyword arguments and documents each one; this module holds the tensor logic, testable on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scripts.losses import IGNORE_INDEX
+from scripts.repair import near_foreground, offset_repair
+
+__all__ = ["TargetRules", "cleansed_targets"]
+
+
+@dataclass(frozen=True)
+class TargetRules:
+    """Which pixels of a cleansed slice's LCM output supervise training (see ``SelfCleansing`` for each rule).
+
+    Probabilities (``agreement_confidence``, ``confident_fill``, ``empty_fill``) are compared with the round's
+    confidence maps, which hold the predicted class's probability quantised to 1/255.
+    """
+
+    agreement: bool = False
+    agreement_confidence: float | None = None
+    confident_fill: float | None = None
+    empty_fill: float | None = None
+    neighbour_fill: bool = False
+    ignore_empty: bool = False
+    ignore_drawn: bool = False
+    empty_margin: int | None = None
+    repair_radius: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.ignore_empty and self.empty_fill is not None:
+            raise ValueError("ignore_empty and empty_fill exclude each other: a slice with an empty label is either "
+                             "left out or filled")
+        if self.repair_radius is not None and (not self.agreement or self.repair_radius < 0):
+            raise ValueError(f"repair_radius ({self.repair_radius}) needs agreement=True and a radius >= 0")
+        refining = [name for name in ("agreement_confidence", "confident_fill", "empty_fill", "neighbour_fill")
+                    if getattr(self, name) not in (None, False)]
+        if refining and not self.agreement:
+            raise ValueError(f"{', '.join(refining)} need agreement=True: they change which pixels the agreement "
+                             "test keeps")
+        if self.neighbour_fill and self.ignore_empty:
+            raise ValueError("ignore_empty and neighbour_fill exclude each other")
+        if self.ignore_drawn and self.ignore_empty:
+            raise ValueError("ignore_drawn and ignore_empty together leave every cleansed slice out: use "
+                             "pseudo_source='none' for that")
+        if self.empty_margin is not None and (not self.agreement or self.ignore_empty or self.empty_margin < 1):
+            raise ValueError(f"empty_margin ({self.empty_margin}) needs agreement=True, ignore_empty=False and a "
+                             "margin >= 1")
+        for name in ("agreement_confidence", "confident_fill", "empty_fill"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} is a probability, got {value}")
+
+
+def _at_least(confidence: torch.Tensor, probability: float) -> torch.Tensor:
+    return confidence >= round(255 * probability)
+
+
+def cleansed_targets(
+    candidates: torch.Tensor,
+    manual: torch.Tensor,
+    rules: TargetRules,
+    num_classes: int,
+    prediction: torch.Tensor | None = None,
+    confidence: torch.Tensor | None = None,
+    neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, int | None]:
+    """The training targets of the slices being cleansed.
+
+    Args:
+        candidates: (N, H, W) uint8 LCM output of those slices.
+        manual: (N, H, W) their manual labels.
+        rules: which pixels to trust.
+        num_classes: classes including background.
+        prediction: (N, H, W) the network's prediction; needed by ``repair_radius`` and ``empty_margin``.
+        confidence: (N, H, W) uint8, the predicted class's probability times 255; needed by the probability rules.
+        neighbours: the manual labels of each slice's previous and next slice in its volume
+            (:func:`scripts.repair.adjacent_labels`); needed by ``neighbour_fill``.
+
+    Returns:
+        ``(targets, repaired)``: (N, H, W) uint8 targets, ``IGNORE_INDEX`` where unsupervised, and the number of
+        structures ``repair_radius`` moved (``None`` without that rule).
+    """
+    if candidates.shape != manual.shape or candidates.ndim != 3:
+        raise ValueError(f"candidates and manual labels must be (N, H, W) of one shape, got "
+                         f"{tuple(candidates.shape)} and {tuple(manual.shape)}")
+    needs = {
+        "prediction": prediction is None and (rules.repair_radius is not None or rules.empty_margin is not None),
+        "confidence": confidence is None and any(
+            p is not None for p in (rules.agreement_confidence, rules.confident_fill, rules.empty_fill)),
+        "neighbours": neighbours is None and rules.neighbour_fill,
+    }
+    missing = [name for name, missed in needs.items() if missed]
+    if missing:
+        raise ValueError(f"these target rules need {', '.join(missing)}: {rules}")
+    targets = candidates.clone()
+    repaired = None
+    # slices whose manual label has no foreground: missed slices, or slices that truly show nothing
+    empty = (manual.flatten(1).amax(1) == 0)[:, None, None]
+    if rules.agreement:
+        reference = manual
+        if rules.repair_radius is not None:
+            reference, offsets = offset_repair(manual, prediction, num_classes, rules.repair_radius)
+            repaired = int((offsets != 0).sum())
+        keep = targets == reference
+        if rules.agreement_confidence is not None:
+            keep &= _at_least(confidence, rules.agreement_confidence)
+        if rules.confident_fill is not None:
+            keep |= _at_least(confidence, rules.confident_fill)
+        if rules.empty_fill is not None:
+            keep |= empty & _at_least(confidence, rules.empty_fill)
+        if rules.neighbour_fill:
+            previous, following = neighbours
+            keep |= empty & (targets != 0) & ((targets == previous) | (targets == following))
+        targets[~keep] = IGNORE_INDEX
+        if rules.empty_margin is not None:
+            targets[empty & near_foreground(prediction, rules.empty_margin) & (targets == 0)] = IGNORE_INDEX
+    if rules.ignore_empty:
+        targets[empty.flatten()] = IGNORE_INDEX
+    if rules.ignore_drawn:
+        targets[~empty.flatten()] = IGNORE_INDEX
+    return targets, repaired
