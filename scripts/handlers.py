@@ -30,7 +30,7 @@ from scripts.filtering import (
     gmm_filter,
 )
 from scripts.losses import IGNORE_INDEX, HybridLoss, SegmentationLoss, probabilities
-from scripts.metrics import label_dice, pooled_dice, supervised_fraction
+from scripts.metrics import cleansing_quality
 from scripts.prototypes import cleanse_batch
 from scripts.repair import adjacent_labels
 from scripts.schedule import hybrid_weights
@@ -341,28 +341,8 @@ class SelfCleansing:
         if clean is not None:
             true_noisy = (manual != clean).flatten(1).any(1)
             precision, recall = filter_precision_recall(~rnd.manual_filter.clean, true_noisy)
-            rnd.summary.update(
-                filter_precision=precision,
-                filter_recall=recall,
-                dice_manual_vs_clean=float(label_dice(manual, clean, self.num_classes).mean()),
-                dice_pseudo_vs_clean=float(label_dice(new, clean, self.num_classes).mean()),
-                dice_pred_vs_clean=float(label_dice(rnd.prediction, clean, self.num_classes).mean()),
-                pooled_dice_manual_vs_clean=pooled_dice(manual, clean, self.num_classes),
-                pooled_dice_pseudo_vs_clean=pooled_dice(new, clean, self.num_classes),
-                pseudo_supervised=supervised_fraction(new),
-            )
-            if true_noisy.any():
-                rnd.summary.update(
-                    noisy_dice_manual_vs_clean=float(label_dice(manual[true_noisy], clean[true_noisy],
-                                                                self.num_classes).mean()),
-                    noisy_dice_pseudo_vs_clean=float(label_dice(new[true_noisy], clean[true_noisy],
-                                                                self.num_classes).mean()),
-                    noisy_pooled_dice_manual_vs_clean=pooled_dice(manual[true_noisy], clean[true_noisy],
-                                                                  self.num_classes),
-                    noisy_pooled_dice_pseudo_vs_clean=pooled_dice(new[true_noisy], clean[true_noisy],
-                                                                  self.num_classes),
-                    noisy_pseudo_supervised=supervised_fraction(new[true_noisy]),
-                )
+            rnd.summary.update(filter_precision=precision, filter_recall=recall)
+            rnd.summary.update(cleansing_quality(manual, new, rnd.prediction, clean, self.num_classes))
         self.store.record_round(rnd.actions, new, rnd.manual_filter.clean_prob, rnd.pseudo_clean_prob,
                                 rnd.summary)
         if idist.get_world_size() > 1:

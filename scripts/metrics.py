@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["label_dice", "pooled_dice", "supervised_fraction"]
+__all__ = ["label_dice", "pooled_dice", "supervised_fraction", "cleansing_quality"]
 
 
 def label_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int, ignore_index: int | None = 255) -> torch.Tensor:
@@ -56,3 +56,32 @@ def pooled_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int, ignore_index
 def supervised_fraction(labels: torch.Tensor, ignore_index: int = 255) -> float:
     """The share of pixels of a stack of label maps that carry a label (are not ``ignore_index``)."""
     return float((labels != ignore_index).double().mean()) if labels.numel() else 1.0
+
+
+def cleansing_quality(manual: torch.Tensor, pseudo: torch.Tensor, prediction: torch.Tensor, clean: torch.Tensor,
+                      num_classes: int) -> dict[str, float]:
+    """How close a round's labels came to the clean ones, where simulated noise keeps them (the round's report).
+
+    Dice against ``clean`` of the manual labels, the new pseudo-labels and the prediction, per slice and pooled,
+    and the share of pixels the pseudo-labels supervise; the same again (``noisy_*``) on the slices whose manual
+    label differs from the clean one, when there are any.
+    """
+    report = {
+        "dice_manual_vs_clean": float(label_dice(manual, clean, num_classes).mean()),
+        "dice_pseudo_vs_clean": float(label_dice(pseudo, clean, num_classes).mean()),
+        "dice_pred_vs_clean": float(label_dice(prediction, clean, num_classes).mean()),
+        "pooled_dice_manual_vs_clean": pooled_dice(manual, clean, num_classes),
+        "pooled_dice_pseudo_vs_clean": pooled_dice(pseudo, clean, num_classes),
+        "pseudo_supervised": supervised_fraction(pseudo),
+    }
+    noisy = (manual != clean).flatten(1).any(1)
+    if noisy.any():
+        manual, pseudo, clean = manual[noisy], pseudo[noisy], clean[noisy]
+        report.update(
+            noisy_dice_manual_vs_clean=float(label_dice(manual, clean, num_classes).mean()),
+            noisy_dice_pseudo_vs_clean=float(label_dice(pseudo, clean, num_classes).mean()),
+            noisy_pooled_dice_manual_vs_clean=pooled_dice(manual, clean, num_classes),
+            noisy_pooled_dice_pseudo_vs_clean=pooled_dice(pseudo, clean, num_classes),
+            noisy_pseudo_supervised=supervised_fraction(pseudo),
+        )
+    return report

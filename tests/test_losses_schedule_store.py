@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from scripts.engine import HybridPrepareBatch
 from scripts.losses import HybridLoss, SegmentationLoss
-from scripts.metrics import label_dice, pooled_dice, supervised_fraction
+from scripts.metrics import cleansing_quality, label_dice, pooled_dice, supervised_fraction
 from scripts.schedule import hybrid_weights
 from scripts.store import PseudoLabelStore
 
@@ -425,3 +425,27 @@ def test_prepare_batch_without_pseudo_is_default():
     image, label = torch.randn(2, 1, 8, 8), torch.randint(0, 4, (2, 1, 8, 8)).float()
     x, y = HybridPrepareBatch()({"image": image, "label": label}, torch.device("cpu"))
     assert torch.equal(x, image) and torch.equal(y, label)
+
+
+def test_cleansing_quality_reports_all_slices_and_the_noisy_ones():
+    clean = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    clean[:, 1:3, 1:3] = 1  # 4 pixels of class 1 in every slice
+    manual = clean.clone()
+    manual[1] = 0  # slice 1 missed: the only noisy slice
+    pseudo = clean.clone()
+    pseudo[1, 1, 1] = 255  # its pseudo-label leaves one pixel unsupervised and misses another
+    pseudo[1, 2, 2] = 0
+    prediction = torch.zeros_like(clean)
+    report = cleansing_quality(manual, pseudo, prediction, clean, num_classes=2)
+    assert report["dice_manual_vs_clean"] == pytest.approx(2 / 3)
+    assert report["noisy_dice_manual_vs_clean"] == 0.0
+    # slice 1 of the pseudo-labels: 2 of the 3 supervised class-1 pixels found, Dice 2*2/(2+3)
+    assert report["dice_pseudo_vs_clean"] == pytest.approx((1 + 0.8 + 1) / 3)
+    assert report["noisy_dice_pseudo_vs_clean"] == pytest.approx(0.8)
+    assert report["noisy_pooled_dice_pseudo_vs_clean"] == pytest.approx(0.8)
+    assert report["pooled_dice_pseudo_vs_clean"] == pytest.approx(2 * 10 / 21)
+    assert report["dice_pred_vs_clean"] == 0.0
+    assert report["pseudo_supervised"] == pytest.approx(47 / 48)
+    assert report["noisy_pseudo_supervised"] == pytest.approx(15 / 16)
+    without_noise = cleansing_quality(clean, clean, clean, clean, num_classes=2)
+    assert without_noise["dice_manual_vs_clean"] == 1.0 and not any(k.startswith("noisy_") for k in without_noise)
