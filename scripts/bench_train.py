@@ -18,7 +18,9 @@ from ignite.engine import Events
 from scripts.bench_common import now, parse_bundle, ratio_line
 
 # handlers that are not part of the training loop proper: validation and writing checkpoints
-EXCLUDED = ("ValidationHandler", "CheckpointSaver", "scripts.handlers.TrainingState", "scripts.handlers.MetricsHistory")
+EXCLUDED = (
+    "ValidationHandler", "CheckpointSaver", "scripts.checkpointing.TrainingState", "scripts.reporting.MetricsHistory",
+)
 
 
 def build(epochs: int):

@@ -18,19 +18,16 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from scripts.losses import probabilities
+from scripts.network import unwrap
 
 __all__ = ["ModuleState", "TwinInferer", "predict_slices", "split_logits"]
-
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    return getattr(network, "module", network)
 
 
 class ModuleState:
     """Checkpoint extra modules (a second network, a quality network) every ``interval`` epochs next to the
     bundle's ``state_*.pt``, and restore them on ``--resume true``.
 
-    Attach it *after* :class:`scripts.handlers.TrainingState` (configs append it with ``+train#handlers``): the
+    Attach it *after* :class:`scripts.checkpointing.TrainingState` (configs append it with ``+train#handlers``): the
     trainer's epoch is restored by then, and the extra checkpoint of that same epoch is loaded; a missing or
     mismatched one is an error rather than a silent restart of half the model.
     """
@@ -101,7 +98,7 @@ def predict_slices(networks: list[nn.Module], dataset, ids: list[int] | None = N
                    device=None) -> torch.Tensor:
     """Class probabilities (N, C, H, W) of the training slices ``ids`` (default: all), in eval mode and without
     augmentation, averaged over ``networks``. A one-channel (sigmoid) output becomes two columns (bg, fg)."""
-    nets = [_unwrap(n) for n in networks]
+    nets = [unwrap(n) for n in networks]
     modes = [n.training for n in nets]
     for n in nets:
         n.eval()

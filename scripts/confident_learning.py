@@ -27,8 +27,9 @@ from ignite.engine import Engine, Events
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from scripts.competitors import _unwrap, predict_slices
+from scripts.competitors import predict_slices
 from scripts.filtering import CLEANSE, KEEP_MANUAL
+from scripts.network import unwrap
 from scripts.store import PseudoLabelStore
 
 __all__ = ["confident_thresholds", "find_label_issues", "slsr_targets", "soft_segmentation_loss", "SLSRLoss",
@@ -170,7 +171,7 @@ class ConfidentLearningPhase:
         engine.add_event_handler(Events.STARTED, self)
 
     def train_teacher(self, ids: list[int], half: int) -> nn.Module:
-        teacher = copy.deepcopy(_unwrap(self.network)).train()
+        teacher = copy.deepcopy(unwrap(self.network)).train()
         device = next(teacher.parameters()).device
         optimizer = torch.optim.Adam(teacher.parameters(), lr=self.learning_rate)
         loader = DataLoader(Subset(self.dataset, ids), batch_size=self.batch_size, shuffle=True,

@@ -71,7 +71,7 @@ from monai.networks.blocks import Convolution
 from monai.networks.layers.utils import get_act_layer
 from torch import nn
 
-__all__ = ["ResidualUNet"]
+__all__ = ["ResidualUNet", "unwrap"]
 
 def _conv(
     spatial_dims: int,
@@ -273,3 +273,8 @@ class ResidualUNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, Residual_block_6 features of shape (B, c0, *spatial) at the input resolution)."""
         return self._run(x)
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The network inside a ``DistributedDataParallel`` or ``DataParallel`` wrapper, or the network itself."""
+    return getattr(network, "module", network)

@@ -13,6 +13,8 @@ import copy
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.network import unwrap
+
 __all__ = ["ema_update", "MeanTeacher"]
 
 
@@ -44,7 +46,7 @@ class MeanTeacher:
     def __init__(self, network: torch.nn.Module, decay: float = 0.99) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must lie in [0, 1], got {decay}")
-        self.student = getattr(network, "module", network)
+        self.student = unwrap(network)
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
         self.decay = float(decay)

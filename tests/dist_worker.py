@@ -58,9 +58,9 @@ def main() -> None:
 
     from scripts.data import SliceDataset
     from scripts.engine import CleansingEvents, HybridPrepareBatch
-    from scripts.handlers import HybridLossSchedule, SelfCleansing, _unwrap
+    from scripts.handlers import HybridLossSchedule, SelfCleansing
     from scripts.losses import HybridLoss, SegmentationLoss
-    from scripts.network import ResidualUNet
+    from scripts.network import ResidualUNet, unwrap
     from scripts.store import PseudoLabelStore
 
     # a different seed per rank: DistributedDataParallel must make the start weights equal by itself
@@ -91,7 +91,7 @@ def main() -> None:
     @trainer.on(CleansingEvents.LOSSES_COLLECTED)
     def keep_losses(engine):
         rnd = engine.state.cleansing
-        model = _unwrap(net)
+        model = unwrap(net)
         model.eval()
         with torch.no_grad():
             local = []
@@ -107,7 +107,7 @@ def main() -> None:
 
     @trainer.on(Events.COMPLETED)
     def keep_weights(engine):
-        weights.update({k: v.detach().clone() for k, v in _unwrap(net).named_parameters()})
+        weights.update({k: v.detach().clone() for k, v in unwrap(net).named_parameters()})
 
     trainer.run()
 

@@ -12,7 +12,8 @@ from scripts.figures import (CLASS_ALPHA, CLASS_COLOURS, GAP, PANEL_PIXELS, UNSU
                              degree_panel, gmm_figure, label_overlay, mosaic, pseudo_label_figure,
                              representation_figure)
 from scripts.filtering import gmm_filter
-from scripts.handlers import CleansingImages, CleansingRound, SelfCleansing
+from scripts.handlers import CleansingRound, SelfCleansing
+from scripts.reporting import CleansingImages
 from scripts.store import PseudoLabelStore
 from tests.test_handlers import constant_network, toy_dataset
 
