@@ -8,7 +8,9 @@ round. What a user sees of a run is in :mod:`scripts.reporting`, resuming one in
 
 from __future__ import annotations
 
+import importlib
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import ignite.distributed as idist
@@ -35,6 +37,21 @@ from scripts.store import PseudoLabelStore
 from scripts.targets import TargetRules, cleansed_targets
 
 __all__ = ["HybridLossSchedule", "SelfCleansing", "CleansingRound"]
+
+# handlers that lived here up to bundle version 0.5.0; configs written for it still name them here
+_MOVED = {
+    **dict.fromkeys(["CleansingLogger", "CleansingImages", "DiceReport", "MetricsHistory", "TrainingProgress"],
+                    "scripts.reporting"),
+    **dict.fromkeys(["RandomStates", "BestModelState", "TrainingState"], "scripts.checkpointing"),
+}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        warnings.warn(f"scripts.handlers.{name} is now {_MOVED[name]}.{name}; the old name will be removed",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class HybridLossSchedule:

@@ -416,3 +416,18 @@ def test_neighbour_fill_takes_what_the_prediction_and_an_adjacent_contour_agree_
                             agreement=True, neighbour_fill=True)
     with pytest.raises(ValueError, match="volume_info"):
         handler.attach(Engine(lambda engine, batch: None))
+
+
+@pytest.mark.parametrize("name, module", [("MetricsHistory", "scripts.reporting"),
+                                          ("TrainingState", "scripts.checkpointing")])
+def test_configs_of_version_0_5_still_find_the_moved_handlers(name, module):
+    from monai.bundle import ConfigParser
+
+    import scripts.handlers
+
+    parser = ConfigParser({"cls": {"_target_": f"scripts.handlers.{name}", "_mode_": "callable"}})
+    with pytest.warns(DeprecationWarning, match=f"now {module}.{name}"):
+        moved = parser.get_parsed_content("cls")
+    assert moved.__module__ == module and moved.__name__ == name
+    with pytest.raises(AttributeError, match="NoSuchHandler"):
+        _ = scripts.handlers.NoSuchHandler
