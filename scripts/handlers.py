@@ -24,7 +24,6 @@ from scripts.filtering import (
     KEEP_PSEUDO,
     FilterResult,
     cascade,
-    filter_precision_recall,
     gmm_filter,
 )
 from scripts.losses import IGNORE_INDEX, HybridLoss, SegmentationLoss, probabilities
@@ -349,10 +348,8 @@ class SelfCleansing:
             rnd.summary.update(repaired_structures=repaired)
         clean = self.dataset.clean_labels() if hasattr(self.dataset, "clean_labels") else None
         if clean is not None:
-            true_noisy = (manual != clean).flatten(1).any(1)
-            precision, recall = filter_precision_recall(~rnd.manual_filter.clean, true_noisy)
-            rnd.summary.update(filter_precision=precision, filter_recall=recall)
-            rnd.summary.update(cleansing_quality(manual, new, rnd.prediction, clean, self.num_classes))
+            rnd.summary.update(cleansing_quality(manual, new, rnd.prediction, clean, self.num_classes,
+                                                 flagged_noisy=~rnd.manual_filter.clean))
         self.store.record_round(rnd.actions, new, rnd.manual_filter.clean_prob, rnd.pseudo_clean_prob,
                                 rnd.summary)
         if idist.get_world_size() > 1:

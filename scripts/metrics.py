@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from scripts.filtering import filter_precision_recall
+
 __all__ = ["label_dice", "pooled_dice", "supervised_fraction", "cleansing_quality"]
 
 
@@ -59,22 +61,26 @@ def supervised_fraction(labels: torch.Tensor, ignore_index: int = 255) -> float:
 
 
 def cleansing_quality(manual: torch.Tensor, pseudo: torch.Tensor, prediction: torch.Tensor, clean: torch.Tensor,
-                      num_classes: int) -> dict[str, float]:
+                      num_classes: int, flagged_noisy: torch.Tensor | None = None) -> dict[str, float]:
     """How close a round's labels came to the clean ones, where simulated noise keeps them (the round's report).
 
     Dice against ``clean`` of the manual labels, the new pseudo-labels and the prediction, per slice and pooled,
     and the share of pixels the pseudo-labels supervise; the same again (``noisy_*``) on the slices whose manual
-    label differs from the clean one, when there are any.
+    label differs from the clean one, when there are any. Given the slices the filter ``flagged_noisy``, the
+    report starts with the filter's precision and recall against those truly noisy slices.
     """
-    report = {
+    noisy = (manual != clean).flatten(1).any(1)
+    report = {}
+    if flagged_noisy is not None:
+        report["filter_precision"], report["filter_recall"] = filter_precision_recall(flagged_noisy, noisy)
+    report.update({
         "dice_manual_vs_clean": float(label_dice(manual, clean, num_classes).mean()),
         "dice_pseudo_vs_clean": float(label_dice(pseudo, clean, num_classes).mean()),
         "dice_pred_vs_clean": float(label_dice(prediction, clean, num_classes).mean()),
         "pooled_dice_manual_vs_clean": pooled_dice(manual, clean, num_classes),
         "pooled_dice_pseudo_vs_clean": pooled_dice(pseudo, clean, num_classes),
         "pseudo_supervised": supervised_fraction(pseudo),
-    }
-    noisy = (manual != clean).flatten(1).any(1)
+    })
     if noisy.any():
         manual, pseudo, clean = manual[noisy], pseudo[noisy], clean[noisy]
         report.update(

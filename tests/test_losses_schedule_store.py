@@ -447,5 +447,10 @@ def test_cleansing_quality_reports_all_slices_and_the_noisy_ones():
     assert report["dice_pred_vs_clean"] == 0.0
     assert report["pseudo_supervised"] == pytest.approx(47 / 48)
     assert report["noisy_pseudo_supervised"] == pytest.approx(15 / 16)
+    assert "filter_precision" not in report
+    # the filter flagged slices 1 and 2: one of the two is truly noisy, and it is the only one
+    flagged = cleansing_quality(manual, pseudo, prediction, clean, 2, flagged_noisy=torch.tensor([False, True, True]))
+    assert list(flagged)[:2] == ["filter_precision", "filter_recall"]
+    assert (flagged["filter_precision"], flagged["filter_recall"]) == (0.5, 1.0)
     without_noise = cleansing_quality(clean, clean, clean, clean, num_classes=2)
     assert without_noise["dice_manual_vs_clean"] == 1.0 and not any(k.startswith("noisy_") for k in without_noise)
