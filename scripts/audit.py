@@ -22,12 +22,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from monai.data import MetaTensor
+from monai.transforms import allow_missing_keys_mode
+
+from scripts.geometry import load_weights
 from scripts.handlers import CleansingRound, SelfCleansing
 from scripts.store import PseudoLabelStore
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_audit", "to_source_geometry"]
+__all__ = ["run_audit", "to_source_geometry", "invert_to_source"]
+
+
+def invert_to_source(labels: torch.Tensor, label_ops: list, volume_transform, source_shape: tuple) -> np.ndarray:
+    """Map (S, h, w) slice labels back to the (H, W, S) source volume by undoing the invertible operations the
+    volume preprocessing applied to the label (in-plane zoom or resize, padding or cropping to the canvas)."""
+    import copy
+
+    lab = MetaTensor(labels.permute(1, 2, 0)[None].float(), applied_operations=copy.deepcopy(label_ops))
+    with allow_missing_keys_mode(volume_transform):
+        out = volume_transform.inverse({"label": lab})["label"]
+    vol = torch.as_tensor(out)[0].round().to(torch.uint8).numpy()
+    if tuple(vol.shape) != tuple(source_shape):
+        raise ValueError(f"labels mapped back to {tuple(vol.shape)}, the source volume has {tuple(source_shape)}")
+    return vol
 
 
 def to_source_geometry(labels: torch.Tensor, source_shape: tuple, crop_origin=None, crop_size=None) -> np.ndarray:
@@ -59,8 +77,7 @@ def run_audit(network: torch.nn.Module, dataset, checkpoint: str, output_dir: st
         raise FileExistsError(f"audit folder {out} is not empty; pass --overwrite true or choose another folder")
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    network.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+    network.load_state_dict(load_weights(checkpoint))
     out.mkdir(parents=True, exist_ok=True)
     store = PseudoLabelStore("zeros")
     store.initialise(dataset.labels())
@@ -81,7 +98,10 @@ def run_audit(network: torch.nn.Module, dataset, checkpoint: str, output_dir: st
         ids = list(range(first, first + n))
         label_file = Path(rec["label"])
         src = nib.load(str(label_file))
-        vol = to_source_geometry(store.labels[ids], tuple(src.shape), info["crop_origin"], info["crop_size"])
+        if info.get("label_ops"):
+            vol = invert_to_source(store.labels[ids], info["label_ops"], dataset.volume_transform, tuple(src.shape))
+        else:
+            vol = to_source_geometry(store.labels[ids], tuple(src.shape), info["crop_origin"], info["crop_size"])
         name = label_file.name.split(".nii")[0]
         nib.save(nib.Nifti1Image(vol, src.affine, src.header), str(out / f"{name}_cleansed.nii.gz"))
         for z, i in enumerate(ids):

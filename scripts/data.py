@@ -9,9 +9,11 @@ samplers. Training state that is kept per sample (pseudo-labels, Clean/Noisy ver
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,7 +28,10 @@ from scripts.phantom import METADATA_FILE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["acdc_datalist", "msd_datalist", "list_volumes", "SliceDataset", "check_files", "noise_for_phantoms"]
+__all__ = ["acdc_datalist", "msd_datalist", "flat_datalist", "datalist", "dataset_layout", "resolve_dataset",
+           "list_volumes", "check_volumes", "SliceDataset", "check_files", "noise_for_phantoms"]
+
+LABEL_SUFFIX = "_gt.nii.gz"
 
 
 def check_files(records: Sequence[dict], keys: Sequence[str] = ("image", "label")) -> list[dict]:
@@ -143,17 +148,127 @@ def msd_datalist(
     return check_files(records, keys)
 
 
-def list_volumes(folder: str, pattern: str = "*.nii.gz", exclude: str = "_gt.nii.gz") -> list[dict]:
-    """Every image volume under ``folder`` (recursively), for inference where there are no labels."""
+def dataset_layout(root: str | Path) -> str:
+    """Which of the layouts the bundle reads ``root`` is in: ``"acdc"`` (``patientNNN/`` folders), ``"msd"`` (a
+    ``dataset.json``, or a folder holding one) or ``"flat"`` (``*.nii.gz`` volumes directly in the folder, labels
+    named ``<image>_gt.nii.gz``). A missing path, an empty folder or a folder of anything else is an error naming it.
+    """
+    base = Path(root).expanduser()
+    if base.is_file():
+        if base.suffix == ".json":
+            return "msd"
+        raise ValueError(f"dataset {base} is a file but not a dataset.json")
+    if not base.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {base}")
+    if (base / "dataset.json").is_file():
+        return "msd"
+    if any(p.is_dir() and p.name.startswith("patient") for p in base.iterdir()):
+        return "acdc"
+    if any(base.glob("*.nii.gz")):
+        return "flat"
+    what = "is empty" if not any(base.iterdir()) else "holds no NIfTI volumes in a layout the bundle reads"
+    raise FileNotFoundError(
+        f"dataset folder {base} {what}: expected patientNNN/ folders (ACDC release layout), a dataset.json "
+        f"(MSD style) or *.nii.gz volumes with *{LABEL_SUFFIX} labels beside them"
+    )
+
+
+def resolve_dataset(dataset_dir: str | Path, default_dir: str | Path) -> Path:
+    """The data folder (or ``dataset.json``) a run reads.
+
+    The bundle's own default folder gets the embedded phantoms generated on first use; any other path must already
+    hold data in one of the layouts of :func:`dataset_layout`, and nothing is ever written into it, so a mistyped
+    ``--dataset_dir`` fails instead of training on phantoms written there.
+    """
+    path = Path(dataset_dir).expanduser()
+    if path.absolute() == Path(default_dir).expanduser().absolute():
+        from scripts.phantom import ensure_phantom_dataset
+
+        return ensure_phantom_dataset(path)
+    dataset_layout(path)
+    return path
+
+
+def flat_datalist(root: str, split: str = "train", splits_file: str | None = "auto", val_fraction: float = 0.125,
+                  seed: int = 0, with_label: bool = True) -> list[dict]:
+    """Volumes directly in ``root``: ``<name>.nii.gz`` images with ``<name>_gt.nii.gz`` labels beside them."""
+    base = Path(root)
+    images = sorted(p for p in base.glob("*.nii.gz") if not p.name.endswith(LABEL_SUFFIX))
+    if not images:
+        raise FileNotFoundError(f"no *.nii.gz image volumes in {base}")
+    by_case = {p.name[: -len(".nii.gz")]: p for p in images}
+    if splits_file == "auto":
+        splits_file = str(base / "splits.json") if (base / "splits.json").is_file() else None
+    records = []
+    for case in _split_cases(sorted(by_case), split, splits_file, val_fraction, seed):
+        rec = {"image": str(by_case[case]), "case": case}
+        if with_label:
+            rec["label"] = str(base / f"{case}{LABEL_SUFFIX}")
+        records.append(rec)
+    return check_files(records, ("image", "label") if with_label else ("image",))
+
+
+def datalist(root: str, split: str = "train", splits_file: str | None = "auto", seed: int = 0,
+             with_label: bool = True) -> list[dict]:
+    """The labelled volumes of ``split`` (``train``, ``val`` or ``all``) of a data set in any layout the bundle
+    reads (:func:`dataset_layout`)."""
+    layout = dataset_layout(root)
+    if layout == "msd":
+        path = Path(root)
+        return msd_datalist(str(path if path.is_file() else path / "dataset.json"), split, seed=seed,
+                            section="training", with_label=with_label)
+    if layout == "acdc":
+        return acdc_datalist(root, split, splits_file, seed=seed, with_label=with_label)
+    return flat_datalist(root, split, splits_file, seed=seed, with_label=with_label)
+
+
+def list_volumes(folder: str, pattern: str = "*.nii.gz", exclude: str = LABEL_SUFFIX) -> list[dict]:
+    """Every image volume of a data set, for inference where there are no labels: the images of a
+    ``dataset.json`` (training and validation sections), or every ``*.nii.gz`` under a folder (recursively) that is
+    not a ``*_gt.nii.gz`` label."""
     base = Path(folder)
     if base.is_file() and base.suffix == ".json":
-        return msd_datalist(str(base), split="all", with_label=False)
+        return _msd_images(base)
     if not base.is_dir():
         raise FileNotFoundError(f"input folder not found: {base}")
+    if (base / "dataset.json").is_file():
+        return _msd_images(base / "dataset.json")
     images = sorted(p for p in base.rglob(pattern) if not p.name.endswith(exclude))
     if not images:
         raise FileNotFoundError(f"no {pattern} volumes in {base}")
     return [{"image": str(p), "case": p.name.split(".nii")[0]} for p in images]
+
+
+def _msd_images(dataset_json: Path) -> list[dict]:
+    records = msd_datalist(str(dataset_json), split="all", with_label=False)
+    content = json.loads(Path(dataset_json).read_text())
+    if "validation" in content:
+        seen = {r["image"] for r in records}
+        records += [r for r in msd_datalist(str(dataset_json), split="val", with_label=False) if r["image"] not in seen]
+    return records
+
+
+def check_volumes(records: Sequence[dict], key: str = "image") -> list[dict]:
+    """Read every input once before any output is written: a truncated or unreadable file, a volume that is not
+    3D with one channel, or non-finite intensities stop the run with an error naming the file, instead of after
+    the masks of the volumes before it were written."""
+    import nibabel as nib
+
+    for rec in check_files(records, (key,)):
+        path = rec[key]
+        try:
+            img = nib.load(path)
+            data = np.asanyarray(img.dataobj)
+        except Exception as err:
+            raise ValueError(f"{path}: cannot be read as NIfTI ({type(err).__name__}: {err})") from err
+        shape = data.shape
+        if len(shape) == 4 and shape[-1] == 1:
+            shape = shape[:3]
+        if len(shape) != 3:
+            raise ValueError(f"{path}: expected a single-channel 3D volume, got an array of shape {data.shape}")
+        if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+            raise ValueError(f"{path}: image holds NaN or infinite intensities")
+    return list(records)
 
 
 class SliceDataset(Dataset):
@@ -192,6 +307,7 @@ class SliceDataset(Dataset):
     ) -> None:
         self.volumes = list(data)
         self.keys = tuple(keys)
+        self.volume_transform = volume_transform
         self.store = store
         self.track_meta = track_meta
         samples = []
@@ -201,9 +317,13 @@ class SliceDataset(Dataset):
             arrays = {k: torch.as_tensor(np.asarray(vol[k])) for k in self.keys}
             n_slices = arrays[self.keys[0]].shape[slice_axis]
             meta = getattr(vol[self.keys[0]], "meta", {})
-            # where the slices came from, so per-slice results can be written back into the source volume
+            # where the slices came from, so per-slice results can be written back into the source volume: the
+            # label's invertible operations (zoom, canvas), or the origin of a label-centred crop
+            label = vol.get("label")
+            ops = copy.deepcopy(list(getattr(label, "applied_operations", []) or []))
             self.volume_info.append({"record": rec, "first_id": len(samples), "n_slices": n_slices,
-                                     "crop_origin": meta.get("crop_origin"), "crop_size": meta.get("crop_size")})
+                                     "crop_origin": meta.get("crop_origin"), "crop_size": meta.get("crop_size"),
+                                     "label_ops": ops})
             for z in range(n_slices):
                 sample = {"id": len(samples), "case": rec.get("case", str(rec["image"])), "slice": z}
                 for k in self.keys:
@@ -283,7 +403,11 @@ class SliceDataset(Dataset):
         previous = get_track_meta()
         set_track_meta(self.track_meta)
         try:
-            return apply_transform(self.transform, sample)
+            with warnings.catch_warnings():
+                # a slice without foreground (truly empty, or a missed label) is expected here: the patch sampler
+                # then draws a background patch, which is what it should do, without a warning per slice
+                warnings.filterwarnings("ignore", message="Num foregrounds 0")
+                return apply_transform(self.transform, sample)
         finally:
             set_track_meta(previous)
 

@@ -8,12 +8,12 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import MetaTensor, NibabelWriter
 from monai.transforms import MapTransform
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckInputsd", "HeartCentredCropd", "SelectLabeld", "source_name"]
+__all__ = ["CheckInputsd", "HeartCentredCropd", "SelectLabeld", "VolumeWriter", "source_name"]
 
 
 def source_name(data: Mapping, key: Hashable) -> str:
@@ -149,3 +149,16 @@ class SelectLabeld(MapTransform):
                 mask = torch.where(torch.as_tensor(lab) == t, torch.ones_like(mask), mask)
             d[key] = MetaTensor(mask, meta=dict(lab.meta)) if isinstance(lab, MetaTensor) else mask
         return d
+
+
+class VolumeWriter(NibabelWriter):
+    """A NIfTI writer that keeps every spatial dimension of a channel-first mask.
+
+    MONAI's writer drops all trailing singleton dimensions after moving the channel last, so the mask of a
+    single-slice volume (H, W, 1) would be written as (H, W); here only the channel is dropped.
+    """
+
+    def set_data_array(self, data_array, channel_dim=0, squeeze_end_dims=True, **kwargs):
+        super().set_data_array(data_array, channel_dim=channel_dim, squeeze_end_dims=False, **kwargs)
+        if channel_dim is not None and self.data_obj.shape[-1] == 1:
+            self.data_obj = self.data_obj[..., 0]

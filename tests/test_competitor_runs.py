@@ -13,7 +13,7 @@ from scripts.phantom import write_phantom_dataset
 pytestmark = pytest.mark.slow
 
 EPOCHS = 3
-SHORT = ["--patch_size", "[48, 48]", "--batch_size", "4", "--warmup_epochs", "1", "--full_pseudo_epoch", "1",
+SHORT = ["--slice_size", "[64, 64]", "--patch_size", "[48, 48]", "--batch_size", "4", "--warmup_epochs", "1", "--full_pseudo_epoch", "1",
          "--cleansing_interval", "1"]
 
 
@@ -25,7 +25,7 @@ def phantom(tmp_path_factory) -> Path:
 def _train(data: Path, work: Path, configs: list[str], *extra: str, epochs: int = EPOCHS):
     files = str(["configs/train.json", "configs/quick.json", *configs])
     proc = run_bundle("training", "--config_file", files, "--bundle_root", str(work), "--dataset_dir", str(data),
-                      "--data_root", str(data), "--output_dir", str(work / "runs"), "--ckpt_dir", str(work / "models"),
+                      "--output_dir", str(work / "runs"), "--ckpt_dir", str(work / "models"),
                       "--epochs", str(epochs), *SHORT, *extra)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc

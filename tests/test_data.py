@@ -280,9 +280,10 @@ def test_label_noise_needs_num_classes(acdc_dir):
         SliceDataset(acdc_datalist(str(acdc_dir), "train"), volume_transform=LOAD, label_noise=NOISE)
 
 
-def _train_augmentation():
+def _train_augmentation(patch=(24, 24)):
     parser = ConfigParser()
     parser.read_config(str(REPO_ROOT / "configs" / "train.json"))
+    parser["patch_size"] = list(patch)
     return parser.get_parsed_content("train#preprocessing")
 
 
@@ -296,11 +297,12 @@ def test_pseudo_label_moves_with_image(acdc_dir):
     moved = 0
     for _ in range(3):
         for i in range(len(ds)):
-            item = ds[i]
-            assert item["pseudo"].shape == item["label"].shape == (1, 32, 32)
+            (item,) = ds[i]  # the patch sampler draws one patch per slice
+            # the random patch (foreground or background centred), flips and rotations move Y' with the label
+            assert item["pseudo"].shape == item["label"].shape == item["image"].shape == (1, 24, 24)
             torch.testing.assert_close(torch.as_tensor(item["pseudo"]), torch.as_tensor(item["label"]))
-            moved += not torch.equal(torch.as_tensor(item["label"])[0].to(torch.uint8), ds.labels()[i])
-    assert moved > 0, "no sample was flipped or rotated, so the test proves nothing"
+            moved += not torch.equal(torch.as_tensor(item["label"])[0].to(torch.uint8), ds.labels()[i][4:28, 4:28])
+    assert moved > 0, "no sample was cropped off-centre, flipped or rotated, so the test proves nothing"
 
 
 def test_pseudo_label_read_from_store_by_id(acdc_dir):

@@ -79,8 +79,8 @@ def _train_checkpoint(bundle: Path, data: Path) -> None:
     bundle copy itself."""
     _bundle_command(bundle, "training",
                     "--config_file", "['configs/train.json','configs/quick.json','configs/baseline.json']",
-                    "--dataset_dir", str(data), "--data_root", str(data),
-                    "--epochs", "4", "--batch_size", "4", "--patch_size", "[48, 48]")
+                    "--dataset_dir", str(data),
+                    "--epochs", "4", "--batch_size", "4", "--slice_size", "[64, 64]", "--patch_size", "[48, 48]")
     assert (bundle / "models" / "model.pt").is_file(), sorted(p.name for p in (bundle / "models").iterdir())
     # what the server's training must produce afresh
     (bundle / "models" / "model_final.pt").unlink()
@@ -228,7 +228,7 @@ def test_auto_segmentation(server, setup, tmp_path):
     single.mkdir()
     shutil.copy(image, single / image.name)
     _bundle_command(setup["bundle"], "--config_file", "configs/inference.json", "--dataset_dir", str(single),
-                    "--data_root", str(single), "--output_dir", str(tmp_path / "cli"))
+                    "--output_dir", str(tmp_path / "cli"))
     cli = load_nifti(tmp_path / "cli" / "patient001_seg.nii.gz")
     np.testing.assert_array_equal(np.asanyarray(mask.dataobj), cli)
 

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 EPOCHS = 4
 KILL_EPOCH = 3
-ARGS = ["--patch_size", "[48, 48]", "--batch_size", "4", "--warmup_epochs", "1", "--full_pseudo_epoch", "2",
+ARGS = ["--slice_size", "[64, 64]", "--patch_size", "[48, 48]", "--batch_size", "4", "--warmup_epochs", "1", "--full_pseudo_epoch", "2",
         "--cleansing_interval", "1"]
 
 # The hook stops the run at a chosen point of epoch KILL_EPOCH: after an optimiser step in the middle of the epoch
@@ -66,7 +66,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def _args(data: Path, work: Path) -> list[str]:
-    return ["--bundle_root", str(work), "--dataset_dir", str(data), "--data_root", str(data),
+    return ["--bundle_root", str(work), "--dataset_dir", str(data),
             "--output_dir", str(work / "runs"), "--ckpt_dir", str(work / "models"), "--epochs", str(EPOCHS), *ARGS]
 
 

@@ -159,7 +159,7 @@ def test_crop_without_foreground_uses_image_centre(with_label):
 def _ct_transforms(patch=(32, 32)):
     parser = ConfigParser()
     parser.read_config([str(REPO_ROOT / "configs" / "train.json"), str(REPO_ROOT / "configs" / "ct.json")])
-    parser["patch_size"] = list(patch)
+    parser["resize"] = list(patch)
     return parser.get_parsed_content("volume_transforms")
 
 
