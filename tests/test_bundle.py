@@ -167,6 +167,7 @@ def infer_inputs(phantom, tmp_path) -> Path:
     b = np.asanyarray(nib.load(str(phantom / "patient002" / "patient002_frame01.nii.gz")).dataobj)
     save_nifti(folder / "case_b.nii.gz", b[2:58, 1:61, :2], np.diag([1.2, 1.3, 6.0, 1.0]))
     shutil.copy(phantom / "patient002" / "patient002_frame01_gt.nii.gz", folder / "case_b_gt.nii.gz")
+    save_nifti(folder / "case_c.nii.gz", b[:, :, 1:2])  # a single-slice volume keeps its (H, W, 1) shape
     return folder
 
 
@@ -174,8 +175,8 @@ def test_inference(trained, infer_inputs, tmp_path):
     out = tmp_path / "seg"
     before = _digest(infer_inputs)
     _ok(_infer(infer_inputs, out, trained / "models" / "model.pt"))
-    assert sorted(p.name for p in out.iterdir()) == ["case_a_seg.nii.gz", "case_b_seg.nii.gz"]
-    for name in ("case_a", "case_b"):
+    assert sorted(p.name for p in out.iterdir()) == ["case_a_seg.nii.gz", "case_b_seg.nii.gz", "case_c_seg.nii.gz"]
+    for name in ("case_a", "case_b", "case_c"):
         src = nib.load(str(infer_inputs / f"{name}.nii.gz"))
         seg = nib.load(str(out / f"{name}_seg.nii.gz"))
         assert seg.shape == src.shape
@@ -190,8 +191,71 @@ def test_inference(trained, infer_inputs, tmp_path):
     assert _digest(out) == first, "a refused run must leave earlier results alone"
 
     _ok(_infer(infer_inputs, out, trained / "models" / "model.pt", "--overwrite", "true"))
-    assert sorted(p.name for p in out.iterdir()) == ["case_a_seg.nii.gz", "case_b_seg.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["case_a_seg.nii.gz", "case_b_seg.nii.gz", "case_c_seg.nii.gz"]
     assert _digest(infer_inputs) == before, "inference must never modify its inputs"
+
+
+def test_truncated_input_fails_before_any_output(phantom, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for case in ("patient001", "patient002"):
+        shutil.copy(phantom / case / f"{case}_frame01.nii.gz", folder / f"{case}.nii.gz")
+    broken = folder / "patient002.nii.gz"
+    broken.write_bytes(broken.read_bytes()[:-200])  # cut inside the gzip stream, as an interrupted copy leaves it
+    out = tmp_path / "seg"
+    proc = _infer(folder, out, REPO_ROOT / "models" / "model.pt")
+    assert proc.returncode != 0
+    assert str(broken) in proc.stderr and "cannot be read" in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists() or not any(out.iterdir()), "no mask may be written when an input is unreadable"
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "foreign"])
+def test_bad_dataset_dir_fails_without_writing(kind, tmp_path):
+    target = tmp_path / "data"
+    if kind != "missing":
+        target.mkdir()
+    if kind == "foreign":
+        (target / "notes.txt").write_text("not a data set")
+    before = sorted(p.name for p in target.iterdir()) if target.exists() else None
+    work = tmp_path / "work"
+    runs = [
+        run_bundle("--config_file", "configs/inference.json", "--bundle_root", str(work), "--dataset_dir",
+                   str(target), "--output_dir", str(tmp_path / "seg")),
+        run_bundle("training", "--config_file", str(["configs/train.json", "configs/quick.json"]), "--bundle_root",
+                   str(work), "--dataset_dir", str(target), "--epochs", "1"),
+    ]
+    for proc in runs:
+        assert proc.returncode != 0
+        assert str(target) in proc.stderr, proc.stderr[-3000:]
+    # nothing generated into a folder the user named: a typo must not turn into a phantom training run
+    assert (sorted(p.name for p in target.iterdir()) if target.exists() else None) == before
+    assert not (tmp_path / "seg").exists()
+
+
+def test_profile_geometry_travels_with_the_checkpoint(phantom, tmp_path):
+    """A model trained at half scale segments at half scale, through the same keys, and is refused at another."""
+    work = tmp_path / "work"
+    _ok(run_bundle("training", "--config_file", str(["configs/train.json", "configs/quick.json"]), "--bundle_root",
+                   str(work), "--dataset_dir", str(phantom), "--output_dir", str(work / "runs"), "--ckpt_dir",
+                   str(work / "models"), "--scale", "0.5", "--slice_size", "[32, 32]", "--patch_size", "[24, 24]",
+                   "--epochs", "1", *SHORT))
+    ckpt = work / "models" / "model_final.pt"
+    assert torch.load(ckpt, weights_only=True)["geometry"]["scale"] == 0.5
+    state = _state(work / "runs")["store"]
+    assert state["labels"].shape[1:] == (32, 32)  # 64 x 64 phantom slices at half scale
+
+    out = tmp_path / "seg"
+    _ok(run_bundle("--config_file", "configs/inference.json", "--bundle_root", str(work), "--dataset_dir",
+                   str(phantom), "--output_dir", str(out), "--ckpt_path", str(ckpt), "--scale", "0.5"))
+    image = phantom / "patient001" / "patient001_frame01.nii.gz"
+    assert nib.load(str(out / "patient001_frame01_seg.nii.gz")).shape == nib.load(str(image)).shape
+
+    refused = tmp_path / "seg_native"
+    proc = run_bundle("--config_file", "configs/inference.json", "--bundle_root", str(work), "--dataset_dir",
+                      str(phantom), "--output_dir", str(refused), "--ckpt_path", str(ckpt))
+    assert proc.returncode != 0
+    assert "another input geometry" in proc.stderr and "scale: trained with 0.5" in proc.stderr
+    assert not refused.exists() or not any(refused.iterdir())
 
 
 # ---------------------------------------------------------------- evaluation

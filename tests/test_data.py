@@ -13,10 +13,14 @@ from conftest import REPO_ROOT, load_nifti, save_nifti, write_msd
 from scripts.data import (
     SliceDataset,
     acdc_datalist,
+    check_volumes,
+    datalist,
+    dataset_layout,
     list_volumes,
     msd_datalist,
     noise_for_phantoms,
     refuse_existing_outputs,
+    resolve_dataset,
 )
 from scripts.store import PseudoLabelStore
 
@@ -358,3 +362,63 @@ def test_corrupt_nifti_names_the_file(acdc_dir):
     with pytest.raises(RuntimeError, match=broken.name) as info:
         SliceDataset(records, volume_transform=transform)
     assert "gzip" in str(info.value) or "nifti" in str(info.value).lower()
+
+
+# ---------------------------------------------------------------- layouts, --dataset_dir, input checks
+
+
+def test_dataset_layouts(acdc_dir, msd_dir, tmp_path):
+    flat = tmp_path / "flat"
+    for i in range(3):
+        save_nifti(flat / f"scan{i}.nii.gz", np.zeros((8, 8, 2), np.float32))
+        save_nifti(flat / f"scan{i}_gt.nii.gz", np.zeros((8, 8, 2), np.uint8))
+    assert dataset_layout(acdc_dir) == "acdc"
+    assert dataset_layout(msd_dir) == dataset_layout(msd_dir / "dataset.json") == "msd"
+    assert dataset_layout(flat) == "flat"
+    # the same datalist function serves every layout; a flat folder pairs <name> with <name>_gt
+    assert {r["case"] for r in datalist(str(acdc_dir), "val")} == {"patient003_frame01", "patient003_frame12"}
+    assert len(datalist(str(msd_dir), "all")) == len(datalist(str(msd_dir / "dataset.json"), "all")) == 5
+    records = datalist(str(flat), "all")
+    assert [Path(r["label"]).name for r in records] == [f"scan{i}_gt.nii.gz" for i in range(3)]
+    train, val = datalist(str(flat), "train"), datalist(str(flat), "val")
+    assert len(train) + len(val) == 3 and not {r["case"] for r in train} & {r["case"] for r in val}
+    # inference lists the images of a dataset.json folder, not its label files
+    assert all("labelsTr" not in r["image"] for r in list_volumes(str(msd_dir)))
+    (flat / "scan1_gt.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="scan1_gt.nii.gz"):
+        datalist(str(flat), "all")
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "foreign"])
+def test_resolve_dataset_refuses_without_writing(kind, tmp_path):
+    target = tmp_path / "data"
+    if kind != "missing":
+        target.mkdir()
+    if kind == "foreign":
+        (target / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match=str(target)):
+        resolve_dataset(target, tmp_path / "default")
+    assert not (tmp_path / "default").exists()
+    assert (not target.exists()) if kind == "missing" else len(list(target.iterdir())) == (kind == "foreign")
+
+
+def test_resolve_dataset_accepts_existing_data(acdc_dir, msd_dir, tmp_path):
+    assert resolve_dataset(acdc_dir, tmp_path / "default") == acdc_dir
+    assert resolve_dataset(msd_dir / "dataset.json", tmp_path / "default") == msd_dir / "dataset.json"
+
+
+def test_check_volumes_names_the_bad_file(tmp_path):
+    good = save_nifti(tmp_path / "a.nii.gz", np.zeros((8, 8, 2), np.float32))
+    truncated = save_nifti(tmp_path / "b.nii.gz", np.random.default_rng(0).normal(size=(16, 16, 4)))
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    four_d = save_nifti(tmp_path / "c.nii.gz", np.zeros((8, 8, 2, 3), np.float32))
+    nan = np.zeros((8, 8, 2), np.float32)
+    nan[0, 0, 0] = np.nan
+    nan_file = save_nifti(tmp_path / "d.nii.gz", nan)
+    assert check_volumes([{"image": str(good)}]) == [{"image": str(good)}]
+    for bad, message in ((truncated, "cannot be read"), (four_d, "single-channel 3D"), (nan_file, "NaN")):
+        with pytest.raises(ValueError, match=message) as err:
+            check_volumes([{"image": str(good)}, {"image": str(bad)}])
+        assert str(bad) in str(err.value)
+    with pytest.raises(FileNotFoundError, match="e.nii.gz"):
+        check_volumes([{"image": str(tmp_path / "e.nii.gz")}])
