@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/benchmark")
     parser.add_argument("--radius_scale", type=float, default=None,
                         help="scale of the noise disk radius (e.g. 0.5 when slices are downsampled by 2)")
+    parser.add_argument("--export", default=None,
+                        help="also write the grid's results.csv here (e.g. docs/results/<table>.csv), the numbers "
+                             "behind a docs table")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="further bundle overrides, after --")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from tqdm import tqdm
 
-        progress = tqdm(grid, desc="benchmark", unit="cell")
+        progress = tqdm(grid, desc="benchmark", unit="cell", disable=None)  # no bar when not a terminal
     except ImportError:  # pragma: no cover - tqdm is a requirement, but the grid must not depend on a bar
         progress = grid
     for noise, loss, method, seed in progress:
@@ -228,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
             write_report(out, results)
         except Exception as err:  # a figure must never stop a long grid; the cells and results.csv are safe
             print(f"warning: results_paper.md / plots not updated: {err!r}", file=sys.stderr)
+    if args.export:
+        export = Path(args.export)
+        export.parent.mkdir(parents=True, exist_ok=True)
+        export.write_text((out / "results.csv").read_text())
+        print(f"exported: {export}")
     print(f"results: {out / 'results.csv'}, {out / 'results.md'}, {out / 'results_paper.md'}, {out / 'plots'}")
     return 0
 

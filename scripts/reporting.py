@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import sys
 
 import ignite.distributed as idist
 import torch
@@ -275,7 +276,10 @@ class CleansingImages:
 
 class TrainingProgress:
     """A progress bar over each epoch's iterations showing the running loss (Ignite's ``ProgressBar``, attached
-    with an output transform, which a handler list cannot pass on its own)."""
+    with an output transform, which a handler list cannot pass on its own).
+
+    Shown only when standard error is a terminal: written to a log file, each update would be another line of
+    carriage returns, and the epoch's summary lines already say what the bar said."""
 
     def __init__(self, output_key: str = "loss", persist: bool = False) -> None:
         self.output_key, self.persist = output_key, persist
@@ -283,7 +287,7 @@ class TrainingProgress:
     def attach(self, engine: Engine) -> None:
         from ignite.handlers import ProgressBar
 
-        if idist.get_rank() != 0:
+        if idist.get_rank() != 0 or not sys.stderr.isatty():
             return
         key = self.output_key
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import run_bundle
+from scripts.geometry import load_weights
 from scripts.network import ResidualUNet
 from scripts.phantom import write_phantom_dataset
 
@@ -49,7 +50,7 @@ def _history_rows(work: Path) -> int:
 
 def test_pick_and_learn_trains(phantom, tmp_path):
     _train(phantom, tmp_path, ["configs/methods/pick_and_learn.json"])
-    _net(torch.load(tmp_path / "models" / "model.pt", map_location="cpu"))
+    _net(load_weights(tmp_path / "models" / "model.pt"))
     assert _history_rows(tmp_path) == EPOCHS
     quality = _latest(tmp_path / "runs", "quality")
     final = torch.load(tmp_path / "models" / "quality_net_final.pt", map_location="cpu")
@@ -60,7 +61,7 @@ def test_jocor_trains_saves_and_resumes_both_networks(phantom, tmp_path):
     _train(phantom, tmp_path, ["configs/methods/jocor.json"], "--num_gradual", "1", epochs=1)
     peer = _latest(tmp_path / "runs", "peer")
     assert set(peer) == {"model2", "loss"}
-    net1 = torch.load(tmp_path / "models" / "model_final.pt", map_location="cpu")
+    net1 = load_weights(tmp_path / "models" / "model_final.pt")
     net2 = torch.load(tmp_path / "models" / "model2_final.pt", map_location="cpu")
     _net(net1), _net(net2)
     assert any(not torch.equal(net1[k], net2[k]) for k in net1 if net1[k].is_floating_point())

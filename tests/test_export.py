@@ -62,9 +62,11 @@ def _trained_looking_network() -> ResidualUNet:
 def test_ckpt_export_matches_eager(tmp_path):
     net = _trained_looking_network()
     ckpt, ts = tmp_path / "model.pt", tmp_path / "model.ts"
-    torch.save(net.state_dict(), ckpt)
+    # saved as the bundle saves its models: the weights beside the geometry record
+    torch.save({"model": net.state_dict(), "geometry": {"scale": 1.0}}, ckpt)
     out = _ok(bundle("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(ckpt),
-                     "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"))
+                     "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
+                     "--key_in_ckpt", "model"))
     assert "exported to file" in out and ts.is_file()
 
     scripted, meta, extra = load_net_with_metadata(str(ts), more_extra_files=("inference.json",))

@@ -461,3 +461,23 @@ def test_configs_of_version_0_5_still_find_the_moved_handlers(name, module):
     assert moved.__module__ == module and moved.__name__ == name
     with pytest.raises(AttributeError, match="NoSuchHandler"):
         _ = scripts.handlers.NoSuchHandler
+
+
+def test_progress_bar_only_in_a_terminal(monkeypatch):
+    """Written to a log file, a progress bar is thousands of carriage-return updates: it is attached only when
+    standard error is a terminal."""
+    import sys
+
+    from scripts.reporting import TrainingProgress
+
+    def handlers(engine):
+        return sum(len(engine._event_handlers[e]) for e in list(engine._event_handlers))
+
+    engine = Engine(lambda e, b: {"loss": torch.tensor(0.0)})
+    before = handlers(engine)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    TrainingProgress().attach(engine)
+    assert handlers(engine) == before
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    TrainingProgress().attach(engine)
+    assert handlers(engine) > before

@@ -1,0 +1,75 @@
+"""Every config file under ``configs/`` merged the way its users merge it, and the engine it declares resolved, so
+that no overlay can go stale unseen when a key it refers to moves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from conftest import REPO_ROOT, write_acdc, write_msd
+
+CONFIGS = REPO_ROOT / "configs"
+# how each file is used: the configs it is merged over, and what it declares
+SPECIAL = {
+    "train.json": ([], "train#trainer"),
+    "inference.json": (None, "evaluator"),
+    "evaluate.json": (["train.json"], "validate#evaluator"),
+    "audit.json": (["train.json", "quick.json"], "audit_dataset"),
+    "ct.json": (["train.json"], "train#trainer"),
+    "acdc.json": (["train.json"], "train#trainer"),
+    "acdc_cpu.json": (["train.json", "acdc.json"], "train#trainer"),
+    # the oracle references are built from the true flags of simulated noise
+    **{f"variants/oracle_{k}.json": (["train.json", "noise.json"], "train#trainer")
+       for k in ("drop_missing", "drop_noisy", "fix_boundary")},
+}
+# started by torchrun only: tests/test_distributed.py runs it in two real processes
+NOT_HERE = {"multi_gpu_train.json": "needs a torch.distributed process group (tests/test_distributed.py)"}
+ALL = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.json") if p.name != "metadata.json")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("configs")
+    splits = {"train": ["patient001", "patient002"], "val": ["patient003"]}
+    return {"acdc": write_acdc(root / "acdc", n_cases=3, splits=splits), "msd": write_msd(root / "msd", n_cases=3)}
+
+
+def _parser(files: list[str], overrides: dict) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / f) for f in files])
+    parser.update(overrides)
+    return parser
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_config_resolves(name, data, tmp_path):
+    if name in NOT_HERE:
+        pytest.skip(NOT_HERE[name])
+    base, target = SPECIAL.get(name, (["train.json"], "train#trainer"))
+    files = [name] if base is None else [*base, name] if name != "train.json" else ["train.json"]
+    dataset = data["msd"] if name == "ct.json" else data["acdc"]
+    overrides = {"bundle_root": str(tmp_path), "dataset_dir": str(dataset), "device": torch.device("cpu"),
+                 "output_dir": str(tmp_path / "out"), "ckpt_dir": str(tmp_path / "models"),
+                 "slice_size": [32, 32], "patch_size": [24, 24], "resize": [32, 32] if name == "ct.json" else None,
+                 "num_workers": 0}
+    if base is None:
+        overrides = {k: overrides[k] for k in ("bundle_root", "dataset_dir", "device", "output_dir")}
+    parser = _parser(files, overrides)
+    assert parser.get_parsed_content(target) is not None
+
+
+@pytest.mark.parametrize("profile", [["acdc.json", "acdc_cpu.json"], ["ct.json"], ["acdc.json"]])
+def test_data_profiles_merge_into_inference(profile, data, tmp_path):
+    """A data profile is merged into inference.json exactly as into train.json, and sets the same geometry."""
+    dataset = data["msd"] if profile == ["ct.json"] else data["acdc"]
+    common = {"bundle_root": str(tmp_path), "dataset_dir": str(dataset), "device": torch.device("cpu"),
+              "output_dir": str(tmp_path / "out")}
+    infer = _parser(["inference.json", *profile], common)
+    train = _parser(["train.json", *profile], common)
+    assert infer.get_parsed_content("evaluator") is not None
+    assert infer.get_parsed_content("geometry").state_dict() == train.get_parsed_content("geometry").state_dict()
+    for key in ("intensity_transforms", "geometry_transforms"):
+        assert infer.get(key) == train.get(key), f"{key} differs between inference.json and train.json"
