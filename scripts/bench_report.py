@@ -13,6 +13,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from scripts.registry import NOISE
+
 __all__ = ["write_report", "paper_tables", "noise_label", "method_label"]
 
 # how methods are named in the paper's tables; others keep their key
@@ -68,7 +70,6 @@ def method_label(method: str) -> str:
 
 
 def _noise_order(noises) -> list[str]:
-    from scripts.benchmark import NOISE
 
     known = [n for n in NOISE if n in noises]
     return known + sorted(n for n in noises if n not in NOISE)

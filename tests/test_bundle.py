@@ -103,9 +103,10 @@ def test_second_training_on_cleansed_labels_with_repair_options(trained, phantom
     second = tmp_path / "second"
     _ok(run_bundle("training", "--config_file", str(["configs/train.json", "configs/quick.json",
                                                      "configs/variants/repair_fill.json"]),
-                   "--bundle_root", str(second), "--dataset_dir", str(phantom), 
+                   "--bundle_root", str(second), "--dataset_dir", str(phantom),
                    "--output_dir", str(second / "runs"), "--ckpt_dir", str(second / "models"),
-                   "--slice_size", SLICE, "--patch_size", PATCH, "--epochs", "1", *SHORT, "--train#store#source", str(source),
+                   "--slice_size", SLICE, "--patch_size", PATCH, "--epochs", "1", *SHORT,
+                   "--train#store#source", str(source),
                    "--train#cleansing#flip_average", "true"))
     store = _state(second / "runs")["store"]
     # the history goes on from the first run's two rounds; the labels it started from were the first run's
@@ -368,8 +369,9 @@ def test_resume_continues_with_the_store(phantom, tmp_path):
     epoch = lambda state: state["trainer"]["iteration"] // state["trainer"]["epoch_length"]  # noqa: E731
     assert epoch(first) == 2 and len(first["store"]["rounds"]) == 2
     _ok(run_bundle("training", "--config_file", str(["configs/train.json", "configs/quick.json"]),
-                   "--bundle_root", str(work), "--dataset_dir", str(phantom), 
-                   "--output_dir", str(work / "runs"), "--ckpt_dir", str(work / "models"), "--slice_size", SLICE, "--patch_size", PATCH,
+                   "--bundle_root", str(work), "--dataset_dir", str(phantom),
+                   "--output_dir", str(work / "runs"), "--ckpt_dir", str(work / "models"),
+                   "--slice_size", SLICE, "--patch_size", PATCH,
                    "--epochs", "3", *SHORT, "--resume", "true"))
     second = _state(work / "runs")
     assert epoch(second) == 3 and second["trainer"]["max_epochs"] == 3

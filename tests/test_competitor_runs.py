@@ -14,7 +14,8 @@ from scripts.phantom import write_phantom_dataset
 pytestmark = pytest.mark.slow
 
 EPOCHS = 3
-SHORT = ["--slice_size", "[64, 64]", "--patch_size", "[48, 48]", "--batch_size", "4", "--warmup_epochs", "1", "--full_pseudo_epoch", "1",
+SHORT = ["--slice_size", "[64, 64]", "--patch_size", "[48, 48]", "--batch_size", "4", "--warmup_epochs", "1",
+         "--full_pseudo_epoch", "1",
          "--cleansing_interval", "1"]
 
 

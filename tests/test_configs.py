@@ -3,7 +3,6 @@ that no overlay can go stale unseen when a key it refers to moves."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

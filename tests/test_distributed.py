@@ -129,7 +129,8 @@ def test_torchrun_multi_gpu_config(tmp_path):
            "-m", "monai.bundle", "run", "training", "--config_file", configs,
            "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
            "--bundle_root", str(work), "--dataset_dir", str(data),
-           "--output_dir", str(work / "runs"), "--ckpt_dir", str(work / "models"), "--slice_size", "[64, 64]", "--patch_size", "[48, 48]",
+           "--output_dir", str(work / "runs"), "--ckpt_dir", str(work / "models"),
+           "--slice_size", "[64, 64]", "--patch_size", "[48, 48]",
            "--epochs", "2", "--warmup_epochs", "1", "--full_pseudo_epoch", "2", "--cleansing_interval", "1",
            "--batch_size", "4"]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

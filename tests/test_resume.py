@@ -28,7 +28,8 @@ pytestmark = pytest.mark.slow
 
 EPOCHS = 4
 KILL_EPOCH = 3
-ARGS = ["--slice_size", "[64, 64]", "--patch_size", "[48, 48]", "--batch_size", "4", "--warmup_epochs", "1", "--full_pseudo_epoch", "2",
+ARGS = ["--slice_size", "[64, 64]", "--patch_size", "[48, 48]", "--batch_size", "4", "--warmup_epochs", "1",
+        "--full_pseudo_epoch", "2",
         "--cleansing_interval", "1"]
 
 # The hook stops the run at a chosen point of epoch KILL_EPOCH: after an optimiser step in the middle of the epoch

@@ -1,0 +1,46 @@
+"""What the benchmark can run: methods (configs merged over ``configs/train.json``), noise levels and data
+profiles. The benchmark (:mod:`scripts.benchmark`) and its report (:mod:`scripts.bench_report`) both read this
+registry, so neither imports the other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["METHODS", "NOISE", "PROFILES", "method_configs"]
+
+# A method is a list of configs merged over configs/train.json (and the data configs).
+METHODS = {
+    "baseline": ["configs/baseline.json"],
+    "self_cleansing": [],
+    "self_cleansing_paper": ["configs/paper.json"],
+    # the paper's competitors (docs/competitors.md)
+    "pick_and_learn": ["configs/methods/pick_and_learn.json"],
+    "confident_learning": ["configs/methods/confident_learning.json"],
+    "jocor": ["configs/methods/jocor.json"],
+    "superpixel": ["configs/methods/superpixel.json"],
+    # Table 4: LCM without LFM (the paper's grid prototypes, the prediction, one averaged prototype); the full
+    # method (LCM + LFM) is self_cleansing_paper
+    "ablation_lcm": ["configs/paper.json", "configs/ablations/lcm.json"],
+    "ablation_lcm_pred": ["configs/paper.json", "configs/ablations/lcm_pred.json"],
+    "ablation_lcm_avg": ["configs/paper.json", "configs/ablations/lcm_avg.json"],
+}
+# Noise levels of Sec. 3.2: the fraction of noisy slices α and the mean disk radius β.
+NOISE = {
+    "clean": None,
+    **{f"a{a}b{b}": {"alpha": a / 100, "beta": b} for a in (30, 50, 70) for b in (5, 10)},
+}
+# Scale profiles: extra configs per data set and profile.
+PROFILES = {
+    ("acdc", "cpu"): ["configs/acdc.json", "configs/acdc_cpu.json"],
+    ("acdc", "paper"): ["configs/acdc.json"],
+    ("phantom", "cpu"): ["configs/quick.json"],
+    ("phantom", "paper"): [],
+}
+
+
+def method_configs(method: str) -> list[str] | None:
+    """The configs of a named method, or of a variant kept in ``configs/variants/<name>.json``."""
+    if method in METHODS:
+        return METHODS[method]
+    variant = Path("configs/variants") / f"{method}.json"
+    return [str(variant)] if variant.is_file() else None
