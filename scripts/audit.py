@@ -36,13 +36,18 @@ __all__ = ["run_audit", "to_source_geometry", "invert_to_source"]
 
 def invert_to_source(labels: torch.Tensor, label_ops: list, volume_transform, source_shape: tuple) -> np.ndarray:
     """Map (S, h, w) slice labels back to the (H, W, S) source volume by undoing the invertible operations the
-    volume preprocessing applied to the label (in-plane zoom or resize, padding or cropping to the canvas)."""
+    volume preprocessing applied to the label (in-plane zoom or resize, padding or cropping to the canvas).
+
+    The labels are inverted as one channel per value and the largest channel wins, since the training labels were
+    zoomed that way (an interpolated label value would mix classes)."""
     import copy
 
-    lab = MetaTensor(labels.permute(1, 2, 0)[None].float(), applied_operations=copy.deepcopy(label_ops))
+    values, index = torch.unique(labels, return_inverse=True)
+    onehot = F.one_hot(index.long(), len(values)).permute(3, 1, 2, 0).float()  # (K, h, w, S)
+    lab = MetaTensor(onehot, applied_operations=copy.deepcopy(label_ops))
     with allow_missing_keys_mode(volume_transform):
         out = volume_transform.inverse({"label": lab})["label"]
-    vol = torch.as_tensor(out)[0].round().to(torch.uint8).numpy()
+    vol = values[torch.as_tensor(out).argmax(0)].to(torch.uint8).numpy()
     if tuple(vol.shape) != tuple(source_shape):
         raise ValueError(f"labels mapped back to {tuple(vol.shape)}, the source volume has {tuple(source_shape)}")
     return vol
