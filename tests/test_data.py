@@ -422,3 +422,25 @@ def test_check_volumes_names_the_bad_file(tmp_path):
         assert str(bad) in str(err.value)
     with pytest.raises(FileNotFoundError, match="e.nii.gz"):
         check_volumes([{"image": str(tmp_path / "e.nii.gz")}])
+
+
+def test_score_masks_per_volume_and_class(tmp_path):
+    from scripts.score import main, score_masks
+
+    data, pred = tmp_path / "data", tmp_path / "seg"
+    label = np.zeros((10, 10, 2), np.uint8)
+    label[2:6, 2:6] = 1
+    label[6:8, 2:6] = 2
+    for name, mask in (("a", label), ("b", np.where(label == 2, 0, label))):
+        save_nifti(data / f"{name}.nii.gz", np.zeros(label.shape, np.float32))
+        save_nifti(data / f"{name}_gt.nii.gz", label)
+        save_nifti(pred / f"{name}_seg.nii.gz", mask.astype(np.uint8))
+    rows = score_masks(str(data), str(pred), ["RV", "Myo", "LV"])
+    # b misses class 2 entirely; class 3 is absent from label and mask alike, which counts as agreement
+    assert [(r["RV"], r["Myo"], r["LV"]) for r in rows] == [(1.0, 1.0, 1.0), (1.0, 0.0, 1.0)]
+    assert main(["--dataset_dir", str(data), "--pred_dir", str(pred)]) == 0
+    last = (pred / "dice.csv").read_text().strip().splitlines()[-1].split(",")
+    assert last[0] == "mean" and abs(float(last[-1]) - (1.0 + 2 / 3) / 2) < 1e-6
+    (pred / "b_seg.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="b_seg.nii.gz"):
+        score_masks(str(data), str(pred), ["RV", "Myo", "LV"])
