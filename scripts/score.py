@@ -1,6 +1,6 @@
 """Score the masks an inference run wrote against the labels of the data set, per volume and per class.
 
-    python -m scripts.score --dataset_dir DIR --pred_dir OUT [--classes RV,Myo,LV] [--output OUT/dice.csv]
+    python -m scripts.score --dataset_dir DIR --pred_dir OUT [--split val] [--classes RV,Myo,LV] [--output CSV]
 
 ``DIR`` is a data set in any layout the bundle reads (its labels are found as for training); ``OUT`` holds the
 ``<image>_seg.nii.gz`` masks that ``configs/inference.json`` wrote for it. Dice is 3D per volume at the labels'
@@ -33,11 +33,12 @@ def _load(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"mask not found: {path}") from None
 
 
-def score_masks(dataset_dir: str, pred_dir: str, class_names: list[str]) -> list[dict]:
-    """One row per labelled volume of ``dataset_dir``: the Dice of its mask in ``pred_dir`` for every class."""
+def score_masks(dataset_dir: str, pred_dir: str, class_names: list[str], split: str = "all") -> list[dict]:
+    """One row per labelled volume of ``dataset_dir`` (of ``split``: ``all``, ``train`` or ``val``): the Dice of its
+    mask in ``pred_dir`` for every class."""
     rows = []
     n = len(class_names) + 1
-    for rec in datalist(dataset_dir, "all"):
+    for rec in datalist(dataset_dir, split):
         label = _load(rec["label"])
         pred = _load(output_path(rec["image"], pred_dir, "seg"))
         if pred.shape != label.shape:
@@ -57,11 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_dir", required=True)
     parser.add_argument("--pred_dir", required=True)
+    parser.add_argument("--split", default="all", choices=("all", "train", "val"))
     parser.add_argument("--classes", default="RV,Myo,LV", help="comma list of the foreground classes 1, 2, ...")
     parser.add_argument("--output", default=None, help="CSV file (default: <pred_dir>/dice.csv)")
     args = parser.parse_args(argv)
     names = args.classes.split(",")
-    rows = score_masks(args.dataset_dir, args.pred_dir, names)
+    rows = score_masks(args.dataset_dir, args.pred_dir, names, args.split)
     mean = {"volume": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in [*names, "mean"]}}
     output = Path(args.output or Path(args.pred_dir) / "dice.csv")
     with open(output, "w", newline="") as f:

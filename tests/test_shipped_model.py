@@ -46,6 +46,8 @@ def test_shipped_model_segments_the_default_data(tmp_path):
             assert set(np.unique(pred).tolist()) <= {0, 1, 2, 3}
             scores.append([_dice(pred, label, c) for c in (1, 2, 3)])
     per_class = np.mean(scores, axis=0)
-    # docs/README.md (Shipped model) states the measured values; an untrained network scores about 0
-    assert per_class.min() > 0.6, per_class
-    assert per_class.mean() > 0.75, per_class
+    # docs/README.md (Shipped model) states the measured values (every volume 0.80 or more, mean 0.907); an
+    # untrained network scores about 0, and a mask landing on a look-alike away from the heart scores 0 for its volume
+    assert min(np.mean(s) for s in scores) > 0.75, scores
+    assert per_class.min() > 0.8, per_class
+    assert per_class.mean() > 0.85, per_class
