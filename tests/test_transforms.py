@@ -3,7 +3,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from monai.transforms import Compose, LoadImaged
+from monai.transforms import LoadImaged
 
 from conftest import MSD_SHAPE, REPO_ROOT, load_nifti, save_nifti
 from scripts.data import msd_datalist
@@ -210,26 +210,3 @@ def test_select_label_several_targets():
     assert out.tolist() == [[[0.0, 1.0, 0.0, 1.0]]]
     assert isinstance(out, MetaTensor)
 
-
-def test_label_zoom_stays_aligned_with_the_image():
-    """At half scale a low-resolution pixel covers two source pixels a side; the image is averaged over them, so the
-    label must be too (one channel per class, averaged, largest wins). Picking one source pixel, as nearest
-    interpolation does, would shift every training label half a source pixel against its image."""
-    parser = ConfigParser()
-    parser.read_config(str(REPO_ROOT / "configs" / "train.json"))
-    parser["scale"] = 0.5
-    zoom_label = Compose(parser.get_parsed_content("label_geometry_transforms"))
-    zoom_image = Compose(parser.get_parsed_content("geometry_transforms"))
-    yy, xx = np.mgrid[:64, :64]
-    disk = ((yy - 31.5) ** 2 + (xx - 40.5) ** 2 <= 12**2).astype(np.float32)  # centred between source pixels
-    label = MetaTensor(torch.as_tensor(np.stack([disk] * 2, -1))[None])
-    small_label = zoom_label({"label": label})["label"][0, ..., 0].numpy()
-    small_image = zoom_image({"image": label.clone()})["image"][0, ..., 0].numpy()
-    assert set(np.unique(small_label).tolist()) == {0.0, 1.0}
-
-    def centre(mask):  # in source pixel coordinates: low-res pixel i covers source pixels 2i and 2i + 1
-        ys, xs = np.nonzero(mask)
-        return 2 * ys.mean() + 0.5, 2 * xs.mean() + 0.5
-
-    np.testing.assert_allclose(centre(small_label), (31.5, 40.5), atol=0.1)
-    np.testing.assert_allclose(centre(small_label), centre(small_image > 0.5), atol=0.1)
