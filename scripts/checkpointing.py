@@ -22,6 +22,10 @@ def _randomizables(transform) -> list:
     from monai.transforms import Randomizable
 
     found = [transform] if isinstance(transform, Randomizable) else []
+    if found:
+        # a dictionary transform may draw from a wrapped array transform's generator (RandCropByPosNegLabeld's
+        # cropper picks the patch centres), which then needs saving too
+        found += [v for _, v in sorted(vars(transform).items()) if isinstance(v, Randomizable) and v is not transform]
     for t in getattr(transform, "transforms", None) or ():
         found += _randomizables(t)
     return found

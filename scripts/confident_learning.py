@@ -24,8 +24,9 @@ import logging
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
+from monai.data import DataLoader
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from scripts.competitors import predict_slices
 from scripts.filtering import CLEANSE, KEEP_MANUAL

@@ -83,7 +83,7 @@ def test_confident_learning_trains_on_corrected_labels(phantom, tmp_path):
     assert len(store["rounds"]) == 1  # one-shot maps, made before epoch 1
     summary = store["rounds"][0]
     assert {"flagged_pixel_fraction", "flag_precision", "flag_recall", "threshold_0"} <= set(summary)
-    assert store["labels"].shape[1:] == (48, 48)
+    assert store["labels"].shape[1:] == (64, 64)  # whole slices: the maps are made on the canvas
     assert set(torch.unique(store["labels"]).tolist()) <= {0, 1, 2, 3}
     assert _history_rows(tmp_path) == EPOCHS
 

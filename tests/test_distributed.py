@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
+from scripts.geometry import load_weights
 from scripts.network import ResidualUNet
 from scripts.phantom import write_phantom_dataset
 
@@ -138,10 +139,10 @@ def test_torchrun_multi_gpu_config(tmp_path):
     out = _wait([proc])[0]
     assert proc.returncode == 0, f"torchrun exited {proc.returncode}\n{out[-6000:]}"
 
-    # checkpoints are plain state_dicts of the unwrapped network (no "module." prefix from DDP)
+    # checkpoints hold the state dict of the unwrapped network (no "module." prefix from DDP) beside the geometry
     for name in ("model.pt", "model_final.pt"):
         net = ResidualUNet(spatial_dims=2, in_channels=1, out_channels=4)
-        net.load_state_dict(torch.load(work / "models" / name, map_location="cpu"))
+        net.load_state_dict(load_weights(work / "models" / name))
     runs = work / "runs"
     stores = [torch.load(runs / f"store_rank{r}.pt", weights_only=False) for r in (0, 1)]
     _same_store(*stores)

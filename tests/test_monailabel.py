@@ -263,8 +263,8 @@ def test_training_one_epoch(server, setup):
     assert len(history) == 2, history  # a header and the one epoch
     final = bundle / "models" / "model_final.pt"
     assert final.is_file(), sorted(p.name for p in (bundle / "models").iterdir())
-    state_dict = torch.load(final, map_location="cpu")
-    assert any(k.endswith("weight") for k in state_dict)
+    checkpoint = torch.load(final, map_location="cpu")
+    assert any(k.endswith("weight") for k in checkpoint["model"]) and checkpoint["geometry"]["scale"] == 1.0
     # the validation volume set a best Dice, so the served checkpoint was replaced too
     assert (bundle / "models" / "model.pt").stat().st_mtime_ns > before
     assert load_nifti(setup["studies"] / "labels" / "final" / "patient001.nii.gz").shape == SHAPE

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, run_bundle
+from scripts.geometry import load_weights
 from scripts.phantom import write_phantom_dataset
 
 pytestmark = pytest.mark.slow
@@ -154,8 +155,7 @@ def test_killed_run_resumes_to_the_uninterrupted_end_state(data, uninterrupted, 
     assert got["best_model"]["best_metric"] == want["best_model"]["best_metric"]
     assert got["best_model"]["best_metric_epoch"] == want["best_model"]["best_metric_epoch"]
     for ckpt in ("model.pt", "model_final.pt"):  # B-model and L-model
-        a = torch.load(work / "models" / ckpt, map_location="cpu")
-        b = torch.load(uninterrupted / "models" / ckpt, map_location="cpu")
+        a, b = load_weights(work / "models" / ckpt), load_weights(uninterrupted / "models" / ckpt)
         assert all(torch.equal(a[k], b[k]) for k in b), ckpt
     # per-epoch and per-round logs: every epoch once, with the uninterrupted run's values
     for csv_name in ("history.csv", "cleansing_rounds.csv"):
