@@ -57,6 +57,16 @@ def acdc_case(index: int, n_slices: int, shape=ACDC_SHAPE) -> tuple[np.ndarray, 
     return image, label
 
 
+def bad_dataset_dir(root: Path, kind: str) -> Path:
+    """A ``--dataset_dir`` that holds no data: ``missing``, an ``empty`` folder, or a ``foreign`` one (a note)."""
+    target = Path(root) / "data"
+    if kind != "missing":
+        target.mkdir(parents=True)
+    if kind == "foreign":
+        (target / "notes.txt").write_text("not a data set")
+    return target
+
+
 def write_acdc(root: Path, n_cases: int = 4, splits: dict | None = None, frames=ACDC_FRAMES) -> Path:
     """``patientNNN/patientNNN_frameNN[_gt].nii.gz``; slice counts alternate 3/4 so that per-volume offsets matter."""
     root = Path(root)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from monai.bundle import ConfigParser
 
-from conftest import REPO_ROOT, load_nifti, run_bundle, save_nifti, write_msd
+from conftest import REPO_ROOT, bad_dataset_dir, load_nifti, run_bundle, save_nifti, write_msd
 from scripts.geometry import load_weights
 from scripts.network import ResidualUNet
 from scripts.phantom import write_phantom_dataset
@@ -212,11 +212,7 @@ def test_truncated_input_fails_before_any_output(phantom, tmp_path):
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "foreign"])
 def test_bad_dataset_dir_fails_without_writing(kind, tmp_path):
-    target = tmp_path / "data"
-    if kind != "missing":
-        target.mkdir()
-    if kind == "foreign":
-        (target / "notes.txt").write_text("not a data set")
+    target = bad_dataset_dir(tmp_path, kind)
     before = sorted(p.name for p in target.iterdir()) if target.exists() else None
     work = tmp_path / "work"
     runs = [

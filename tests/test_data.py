@@ -9,7 +9,7 @@ from monai.bundle import ConfigParser
 from monai.data import DataLoader
 from monai.transforms import Compose, LoadImaged
 
-from conftest import REPO_ROOT, load_nifti, save_nifti, write_msd
+from conftest import REPO_ROOT, bad_dataset_dir, load_nifti, save_nifti, write_msd
 from scripts.data import (
     SliceDataset,
     acdc_datalist,
@@ -391,11 +391,7 @@ def test_dataset_layouts(acdc_dir, msd_dir, tmp_path):
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "foreign"])
 def test_resolve_dataset_refuses_without_writing(kind, tmp_path):
-    target = tmp_path / "data"
-    if kind != "missing":
-        target.mkdir()
-    if kind == "foreign":
-        (target / "notes.txt").write_text("x")
+    target = bad_dataset_dir(tmp_path, kind)
     with pytest.raises(FileNotFoundError, match=str(target)):
         resolve_dataset(target, tmp_path / "default")
     assert not (tmp_path / "default").exists()
