@@ -13,6 +13,7 @@ and writes to ``output_dir``:
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 from pathlib import Path
@@ -21,7 +22,6 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from monai.data import MetaTensor
 from monai.transforms import allow_missing_keys_mode
 
@@ -38,10 +38,8 @@ def invert_to_source(labels: torch.Tensor, label_ops: list, volume_transform, so
     """Map (S, h, w) slice labels back to the (H, W, S) source volume by undoing the invertible operations the
     volume preprocessing applied to the label (in-plane zoom or resize, padding or cropping to the canvas).
 
-    The labels are inverted as one channel per value and the largest channel wins, since the training labels were
-    zoomed that way (an interpolated label value would mix classes)."""
-    import copy
-
+    The labels are inverted as one channel per value and the largest channel wins, so that an interpolating
+    inverse (a recorded bilinear resize) cannot mix label values into a class that is not there."""
     values, index = torch.unique(labels, return_inverse=True)
     onehot = F.one_hot(index.long(), len(values)).permute(3, 1, 2, 0).float()  # (K, h, w, S)
     lab = MetaTensor(onehot, applied_operations=copy.deepcopy(label_ops))

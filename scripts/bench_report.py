@@ -70,7 +70,6 @@ def method_label(method: str) -> str:
 
 
 def _noise_order(noises) -> list[str]:
-
     known = [n for n in NOISE if n in noises]
     return known + sorted(n for n in noises if n not in NOISE)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from scripts.bench_report import write_report
 from scripts.registry import METHODS, NOISE, PROFILES, method_configs
 
+
 def cell_name(data: str, noise: str, loss: str, method: str, seed: int) -> str:
     return f"{data}-{noise}-{loss}-{method}-s{seed}"
 

@@ -45,30 +45,31 @@ class Geometry:
         resize: in-plane size every slice is resized to instead of zoomed (CT), or ``None``.
         intensity: name of the intensity normalisation (``"zscore"``, ``"hu[-70, 180]"``, ...).
         out_channels: output channels of the network.
-        checkpoint: the file this geometry is checked against, for the error message.
     """
 
     def __init__(self, scale: float = 1.0, resize: Sequence[int] | None = None, intensity: str = "zscore",
-                 out_channels: int | None = None, checkpoint: str | None = None) -> None:
+                 out_channels: int | None = None) -> None:
         self.record = {
             "scale": float(scale),
             "resize": None if resize is None else [int(s) for s in resize],
             "intensity": str(intensity),
             "out_channels": None if out_channels is None else int(out_channels),
         }
-        self.checkpoint = checkpoint
 
     def state_dict(self) -> dict:
         return dict(self.record)
 
     def load_state_dict(self, state: dict) -> None:
-        """Refuse weights trained at another geometry; a key the saved record lacks is not checked."""
+        self.check(state)
+
+    def check(self, state: dict, source: str = "the checkpoint") -> None:
+        """Refuse weights trained at another geometry, naming ``source``; a key the saved record lacks is not
+        checked."""
         diffs = [f"{k}: trained with {state[k]!r}, this config has {v!r}"
                  for k, v in self.record.items() if k in state and state[k] != v]
         if diffs:
-            where = self.checkpoint or "the checkpoint"
             raise ValueError(
-                f"{where} was trained at another input geometry ({'; '.join(diffs)}). Merge the data configs the "
+                f"{source} was trained at another input geometry ({'; '.join(diffs)}). Merge the data configs the "
                 f"model was trained with, e.g. \"['configs/inference.json','configs/acdc.json',"
                 f"'configs/acdc_cpu.json']\", or pass the matching --scale / --resize."
             )
@@ -81,7 +82,7 @@ class CheckGeometry:
     """Refuse, when the engine starts and before any output is written, a checkpoint trained at another geometry.
 
     ``CheckpointLoader`` loads the weights; this handler reads the geometry record saved beside them and hands it
-    to :meth:`Geometry.load_state_dict`. A checkpoint without a record (a bare state dict) is loaded with a warning.
+    to :meth:`Geometry.check`. A checkpoint without a record (a bare state dict) is loaded with a warning.
     """
 
     def __init__(self, checkpoint: str, geometry: Geometry) -> None:
@@ -97,5 +98,4 @@ class CheckGeometry:
         if not (isinstance(state, dict) and "geometry" in state):
             logger.warning(f"{self.checkpoint} records no input geometry; assuming it matches {self.geometry}")
             return
-        self.geometry.checkpoint = self.checkpoint
-        self.geometry.load_state_dict(state["geometry"])
+        self.geometry.check(state["geometry"], self.checkpoint)
