@@ -84,8 +84,9 @@ def run_audit(network: torch.nn.Module, dataset, checkpoint: str, output_dir: st
     out.mkdir(parents=True, exist_ok=True)
     store = PseudoLabelStore("zeros")
     store.initialise(dataset.labels())
-    kwargs = {"start_epoch": 0, "interval": 1, "unlabelled_as_noisy": True, **cleansing_kwargs}
-    cleansing = SelfCleansing(network, dataset, store, num_classes, **kwargs)
+    # the audit writes whole labels for a person to review, so no target rule marks pixels as unsupervised
+    cleansing = SelfCleansing(network, dataset, store, num_classes, start_epoch=0, interval=1,
+                              **cleansing_kwargs)
     rnd = CleansingRound(epoch=0, index=1)
     cleansing.collect(rnd)
     cleansing.filter(rnd)

@@ -13,8 +13,9 @@ import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
 
-__all__ = ["RandomStates", "BestModelState", "TrainingState"]
+__all__ = ["RandomStates", "BestModelState", "TrainingState", "ModuleState"]
 
 
 def _randomizables(transform) -> list:
@@ -120,8 +121,6 @@ class TrainingState:
         return max(files, key=epoch) if files else None
 
     def attach(self, engine: Engine) -> None:
-        from ignite.handlers import Checkpoint, DiskSaver
-
         objects = {**self.save_dict, "trainer": engine, "rng": RandomStates(self.transform)}
         path = None
         if self.resume:
@@ -145,3 +144,50 @@ class TrainingState:
                 # the resumed file is this run's newest checkpoint: it is rotated out like any other
                 checkpoint.load_state_dict({"_saved": [(engine.state.epoch, os.path.basename(path))]})
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), checkpoint)
+
+
+class ModuleState:
+    """Checkpoint extra modules (a second network, a quality network) every ``interval`` epochs next to the
+    bundle's ``state_*.pt``, and restore them on ``--resume true``.
+
+    Attach it *after* :class:`TrainingState` (configs append it with ``+train#handlers``): the
+    trainer's epoch is restored by then, and the extra checkpoint of that same epoch is loaded; a missing or
+    mismatched one is an error rather than a silent restart of half the model.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, resume: bool = False, prefix: str = "extra",
+                 interval: int = 1) -> None:
+        self.save_dir, self.save_dict, self.resume = save_dir, dict(save_dict), resume
+        self.prefix, self.interval = prefix, int(interval)
+        self.logger = logging.getLogger(self.__class__.__name__)
+
+    def files(self) -> dict[int, str]:
+        out = {}
+        for path in glob.glob(os.path.join(self.save_dir, f"{self.prefix}_*.pt")):
+            m = re.search(r"_(\d+)\.pt$", path)
+            if m:
+                out[int(m.group(1))] = path
+        return out
+
+    def attach(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        if self.resume and epoch > 0:
+            path = self.files().get(epoch)
+            if path is None:
+                raise FileNotFoundError(f"resuming at epoch {epoch}, but {self.save_dir} has no {self.prefix}_*_"
+                                        f"{epoch}.pt holding {sorted(self.save_dict)}")
+            Checkpoint.load_objects(self.save_dict, torch.load(path, map_location="cpu", weights_only=False))
+            self.logger.info(f"restored {sorted(self.save_dict)} from {path}")
+        if idist.get_rank() == 0:
+            saver = DiskSaver(self.save_dir, require_empty=False, atomic=True)
+            checkpoint = Checkpoint(self.save_dict, saver, filename_prefix=self.prefix, n_saved=1,
+                                    global_step_transform=lambda e, _: e.state.epoch)
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), checkpoint)
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self._drop_older)
+
+    def _drop_older(self, engine: Engine) -> None:
+        """A resumed run's new ``Checkpoint`` does not know the files of the run before it: remove them once the
+        current epoch's file is written."""
+        for epoch, path in self.files().items():
+            if epoch < engine.state.epoch:
+                os.remove(path)

@@ -29,7 +29,6 @@ from torch import nn
 from torch.utils.data import Subset
 
 from scripts.competitors import predict_slices
-from scripts.filtering import CLEANSE, KEEP_MANUAL
 from scripts.network import unwrap
 from scripts.store import PseudoLabelStore
 
@@ -226,11 +225,7 @@ class ConfidentLearningPhase:
             summary.update(flag_precision=hit / max(1, int(issues.sum())), flag_recall=hit / max(1, int(wrong.sum())),
                            pixel_error_manual=float(wrong.float().mean()),
                            pixel_error_corrected=float((corrected != clean).float().mean()))
-        changed = issues.flatten(1).any(1)
-        actions = torch.where(changed, torch.full_like(changed, CLEANSE, dtype=torch.uint8),
-                              torch.full_like(changed, KEEP_MANUAL, dtype=torch.uint8))
-        ones = torch.ones(len(manual))
-        self.store.record_round(actions, corrected.to(torch.uint8), ones, ones, summary)
+        self.store.record_refinement(corrected.to(torch.uint8), issues.flatten(1).any(1), summary)
         self.dataset.store = self.store
         self.logger.info("confident learning: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                             for k, v in summary.items()))

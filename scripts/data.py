@@ -22,7 +22,7 @@ import torch
 from monai.data import Dataset, get_track_meta, set_track_meta
 from monai.transforms import apply_transform
 
-from scripts.losses import IGNORE_INDEX
+from scripts.ignore_index import IGNORE_INDEX
 from scripts.noise import oracle_labels, simulate_label_noise
 from scripts.phantom import METADATA_FILE
 

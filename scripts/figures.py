@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from scripts.filtering import FilterResult, normalise_losses  # noqa: E402
-from scripts.losses import IGNORE_INDEX  # noqa: E402
+from scripts.ignore_index import IGNORE_INDEX  # noqa: E402
 
 __all__ = ["gmm_figure", "representation_figure", "pseudo_label_figure", "label_overlay", "degree_panel", "mosaic",
            "save_png"]

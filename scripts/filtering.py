@@ -48,6 +48,8 @@ __all__ = [
     "gmm_filter",
     "cascade",
     "filter_precision_recall",
+    "LabelFilter",
+    "Verdicts",
 ]
 
 KEEP_MANUAL = 0
@@ -305,3 +307,77 @@ def filter_precision_recall(
     precision = tp / n_pred if n_pred else float(zero_division)
     recall = tp / n_true if n_true else float(zero_division)
     return precision, recall
+
+
+@dataclass
+class Verdicts:
+    """One round's decisions: the two GMM fits, which pseudo-labels count as Clean, and an action per sample."""
+
+    manual: FilterResult
+    pseudo: FilterResult | None
+    pseudo_clean: torch.Tensor
+    pseudo_clean_prob: torch.Tensor
+    actions: torch.Tensor
+
+    def summary(self) -> dict:
+        n, pseudo_clean = len(self.actions), int(self.pseudo_clean.sum())
+        return dict(
+            manual_clean=self.manual.n_clean,
+            manual_noisy=self.manual.n_noisy,
+            pseudo_clean=pseudo_clean,
+            pseudo_noisy=n - pseudo_clean,
+            kept_manual=int((self.actions == KEEP_MANUAL).sum()),
+            kept_pseudo=int((self.actions == KEEP_PSEUDO).sum()),
+            cleansed=int((self.actions == CLEANSE).sum()),
+            manual_filter_status=self.manual.status,
+            pseudo_filter_status=self.pseudo.status if self.pseudo is not None else "no_pseudo_labels",
+        )
+
+
+class LabelFilter:
+    """The label filtering module of a round: GMM-1 on the losses against the manual labels, GMM-2 on the losses
+    against the pseudo-labels, then the cascade (Sec. 2.2).
+
+    Args:
+        loss: the per-sample loss the mixtures see, called as ``loss(logits, target)`` and returning (B,); default
+            the soft Dice of Eq. 1 (``scripts.losses.SegmentationLoss("dice")``).
+        enabled: ``False`` cleanses every sample each round (Table 4's "LCM" without LFM).
+        unlabelled_as_noisy: a sample that has no pseudo-label yet counts as pseudo-Noisy instead of being judged
+            by GMM-2. With the paper's all-zero start every pseudo loss is equal and GMM-2 calls all of them Clean,
+            so a manual-Noisy sample would keep an empty target forever.
+        refresh: re-cleanse every manual-Noisy sample each round, ignoring GMM-2, so early pseudo-labels made by a
+            weak network do not freeze.
+        seed: ``random_state`` of both fits.
+    """
+
+    def __init__(self, loss=None, enabled: bool = True, unlabelled_as_noisy: bool = True, refresh: bool = False,
+                 seed: int = 0) -> None:
+        if loss is None:
+            from scripts.losses import SegmentationLoss
+
+            loss = SegmentationLoss("dice")
+        self.loss, self.enabled, self.seed = loss, bool(enabled), int(seed)
+        self.unlabelled_as_noisy, self.refresh = bool(unlabelled_as_noisy), bool(refresh)
+
+    def __repr__(self) -> str:
+        return (f"LabelFilter(enabled={self.enabled}, unlabelled_as_noisy={self.unlabelled_as_noisy}, "
+                f"refresh={self.refresh}, seed={self.seed})")
+
+    def __call__(self, manual_loss: torch.Tensor, pseudo_loss: torch.Tensor, has_pseudo: torch.Tensor) -> Verdicts:
+        """Verdicts from the (N,) losses against manual and pseudo-labels; ``has_pseudo`` (N,) marks the samples
+        that hold a pseudo-label already."""
+        n = manual_loss.shape[0]
+        manual = gmm_filter(manual_loss, seed=self.seed)
+        has = torch.as_tensor(has_pseudo, dtype=torch.bool)
+        judged = has if self.unlabelled_as_noisy else torch.ones_like(has)
+        pseudo, pseudo_clean, pseudo_prob = None, torch.zeros(n, dtype=torch.bool), torch.zeros(n)
+        if judged.any():
+            pseudo = gmm_filter(pseudo_loss[judged], seed=self.seed)
+            pseudo_clean[judged] = pseudo.clean
+            pseudo_prob[judged] = pseudo.clean_prob.float()
+        actions = cascade(manual.clean, pseudo_clean)
+        if self.refresh:
+            actions[~manual.clean] = CLEANSE
+        if not self.enabled:
+            actions[:] = CLEANSE
+        return Verdicts(manual, pseudo, pseudo_clean, pseudo_prob, actions)

@@ -18,20 +18,13 @@ import torch
 from ignite.engine import Engine, Events
 
 from scripts.engine import CleansingEvents
-from scripts.filtering import (
-    CLEANSE,
-    KEEP_MANUAL,
-    KEEP_PSEUDO,
-    FilterResult,
-    cascade,
-    gmm_filter,
-)
-from scripts.losses import IGNORE_INDEX, HybridLoss, SegmentationLoss, probabilities
+from scripts.filtering import CLEANSE, KEEP_MANUAL, FilterResult, LabelFilter
+from scripts.losses import HybridLoss, probabilities
 from scripts.metrics import cleansing_quality
-from scripts.network import unwrap
-from scripts.prototypes import cleanse_batch
 from scripts.repair import adjacent_labels
 from scripts.schedule import hybrid_weights
+from scripts.slice_pass import SlicePass, eval_mode
+from scripts.sources import GridPrototypes, PseudoLabelSource
 from scripts.store import PseudoLabelStore
 from scripts.targets import TargetRules, cleansed_targets
 
@@ -90,10 +83,12 @@ class CleansingRound:
 class SelfCleansing:
     """The cleansing round of Sec. 2.2–2.3, run every ``interval`` epochs from the end of epoch ``start_epoch``.
 
-    A round runs the network in eval mode over the whole training set without augmentation (Eq. 1 losses against
-    Y and Y', the prediction, the feature map), fits GMM-1 on the manual losses and GMM-2 on the pseudo losses,
-    applies the cascade, and replaces Y' of the samples to cleanse with the LCM output, kept where the target rules
-    (:mod:`scripts.targets`) trust it.
+    A round is made of four parts, each a component the config builds: the ``slice_pass`` runs the network in eval
+    mode over the whole training set without augmentation (losses against Y and Y', prediction, features); the
+    ``label_filter`` fits GMM-1 and GMM-2 on those losses and applies the cascade; the ``source`` proposes a
+    candidate label for each slice to cleanse; the ``rules`` decide which of its pixels supervise training. The
+    new Y' and the verdicts go into the store, and :class:`~scripts.engine.CleansingEvents` fire between the parts
+    so that other handlers can watch.
 
     Args:
         network: the segmentation network; it (or its ``module``) must have ``forward_features``.
@@ -103,56 +98,10 @@ class SelfCleansing:
         num_classes: classes including background (2 for a binary task).
         start_epoch: E1, the warm-up length; the first round runs at the end of this epoch.
         interval: k, epochs between rounds.
-        filter_loss: the per-sample loss the GMMs see (default: soft Dice, Eq. 1).
-        use_filter: ``False`` cleanses every sample each round (Table 4, "LCM" without LFM).
-        pseudo_source: ``"grid"`` (representative grid prototypes, the paper), ``"avg"`` (one averaged
-            prototype), ``"pred"`` (the network's prediction), Table 4's three variants; or ``"none"``: a sample
-            to cleanse gets no pseudo-label at all and teaches nothing (the filter alone, no LCM).
-        unlabelled_as_noisy: a sample that has no pseudo-label yet counts as pseudo-Noisy instead of being judged
-            by GMM-2. With the paper's all-zero start every pseudo loss is equal and GMM-2 calls all of them Clean,
-            so a manual-Noisy sample would keep an empty target forever.
-        refresh: re-cleanse every manual-Noisy sample each round, ignoring GMM-2, so early pseudo-labels made by a
-            weak network do not freeze.
-        agreement: keep a cleansed slice's pseudo-label only where it agrees with the manual label and mark the
-            other pixels unsupervised (``IGNORE_INDEX``), so a slice judged noisy still teaches what its
-            annotator and the network agree on, and its contested pixels teach nothing rather than a guess.
-        confident_fill: with ``agreement``, a contested pixel still takes the LCM label when the network's
-            probability for its predicted class is at least this value (``None``: contested pixels stay
-            unsupervised), so a missing structure the network is sure of is restored rather than left blank.
-        agreement_confidence: with ``agreement``, an agreeing pixel is kept only where the network's probability
-            for its predicted class reaches this value (``None``: every agreeing pixel); the uncertain rest, mostly
-            along boundaries where boundary noise lives and where network and annotator can be wrong together,
-            carries no loss.
-        empty_fill: with ``agreement``, on a cleansed slice whose manual label has no foreground at all (a slice the
-            annotator may have missed), a pixel takes the LCM label where the network's probability for it reaches
-            this value (``None``: such a slice supervises only the background the network agrees on).
-        neighbour_fill: with ``agreement``, a cleansed slice whose manual label is empty also takes the LCM's
-            foreground where it agrees with the manual label of the previous or the next slice of its volume: a
-            slice missed inside a labelled stack learns what the network and an adjacent contour agree on, rather
-            than the network's prediction alone.
-        ignore_empty: a cleansed slice whose manual label has no foreground carries no supervision at all, instead
-            of the background the network agrees on: where the network misses part of a structure, a missed
-            slice would otherwise teach background there.
-        ignore_drawn: a cleansed slice whose manual label has foreground carries no supervision at all: contours
-            judged wrong teach nothing, neither where the network agrees with them (which confirms the network's own
-            boundary errors) nor elsewhere. Slices with an empty label keep their pseudo-label.
-        empty_margin: with ``agreement``, on a cleansed slice whose manual label is empty, the background the network
-            agrees on is kept only farther than this many pixels (chessboard distance) from its predicted foreground:
-            a missed slice still teaches background away from the structures, but not where the network may have
-            cut a structure short (``None``: all agreed background).
-        repair_radius: with ``agreement``, each structure of the manual label is first moved onto the network's
-            prediction by the dilation or erosion of at most this many pixels that fits it best
-            (:func:`scripts.repair.offset_repair`), and the agreement test compares the LCM output with that
-            repaired label: a contour drawn too wide or too tight then still supervises its ring, with the
-            annotator's shape at the network's size (``None``: the manual label as drawn).
-        flip_average: the round's prediction, losses and features are the mean over the slice and its three flips
-            (left-right, up-down, both), each mapped back: a steadier prediction for the filter and the agreement
-            test, at four forward passes per slice instead of one. Leave it off where a flip changes what a label
-            means (left and right structures with separate labels).
-        grid, sigma, mu, component_fraction, hole_fraction: LCM parameters (K, σ, μ, post-processing).
-        batch_size: slices per forward pass during the round. On a 2-core CPU the pass ran faster at 4-8 slices
-            than at 32 (see docs/README.md, Speed); train.json uses 8.
-        seed: seed of the GMM fits.
+        source: a :mod:`scripts.sources` object (default: the paper's :class:`~scripts.sources.GridPrototypes`).
+        rules: a :class:`~scripts.targets.TargetRules` (default: none, the paper's whole pseudo-label).
+        label_filter: a :class:`~scripts.filtering.LabelFilter` (default: the paper's).
+        slice_pass: a :class:`~scripts.slice_pass.SlicePass` (default: 8 slices a batch, no flips).
         enabled: ``False`` makes :meth:`attach` a no-op (the Baseline), so configs can switch cleansing off
             without changing the handler list.
     """
@@ -165,48 +114,23 @@ class SelfCleansing:
         num_classes: int,
         start_epoch: int,
         interval: int = 5,
-        filter_loss: torch.nn.Module | None = None,
-        use_filter: bool = True,
-        pseudo_source: str = "grid",
-        unlabelled_as_noisy: bool = True,
-        refresh: bool = False,
-        agreement: bool = False,
-        confident_fill: float | None = None,
-        agreement_confidence: float | None = None,
-        empty_fill: float | None = None,
-        neighbour_fill: bool = False,
-        ignore_empty: bool = False,
-        ignore_drawn: bool = False,
-        empty_margin: int | None = None,
-        repair_radius: int | None = None,
-        flip_average: bool = False,
-        grid: int = 64,
-        sigma: float = 0.7,
-        mu: float = 0.7,
-        component_fraction: float = 0.1,
-        hole_fraction: float = 0.1,
-        batch_size: int = 32,
-        seed: int = 0,
-        device: torch.device | str | None = None,
+        source: PseudoLabelSource | None = None,
+        rules: TargetRules | None = None,
+        label_filter: LabelFilter | None = None,
+        slice_pass: SlicePass | None = None,
         enabled: bool = True,
+        **renamed,
     ) -> None:
-        if pseudo_source not in ("grid", "avg", "pred", "none"):
-            raise ValueError(f"unknown pseudo_source '{pseudo_source}': use 'grid', 'avg', 'pred' or 'none'")
+        if renamed:
+            raise TypeError(_renamed_message(renamed))
         if interval < 1 or start_epoch < 0:
             raise ValueError(f"need interval >= 1 and start_epoch >= 0, got {interval} and {start_epoch}")
-        self.rules = TargetRules(
-            agreement=agreement, agreement_confidence=agreement_confidence, confident_fill=confident_fill,
-            empty_fill=empty_fill, neighbour_fill=neighbour_fill, ignore_empty=ignore_empty, ignore_drawn=ignore_drawn,
-            empty_margin=empty_margin, repair_radius=repair_radius,
-        )
         self.network, self.dataset, self.store = network, dataset, store
         self.num_classes, self.start_epoch, self.interval = int(num_classes), int(start_epoch), int(interval)
-        self.filter_loss = filter_loss if filter_loss is not None else SegmentationLoss("dice")
-        self.use_filter, self.pseudo_source = use_filter, pseudo_source
-        self.unlabelled_as_noisy, self.refresh, self.flip_average = unlabelled_as_noisy, refresh, flip_average
-        self.lcm = dict(grid=grid, sigma=sigma, mu=mu, min_fraction=component_fraction)
-        self.hole_fraction = hole_fraction
-        self.batch_size, self.seed, self.device = batch_size, seed, device
+        self.source = source if source is not None else GridPrototypes()
+        self.rules = rules if rules is not None else TargetRules()
+        self.label_filter = label_filter if label_filter is not None else LabelFilter()
+        self.slice_pass = slice_pass if slice_pass is not None else SlicePass()
         self.enabled = enabled
         self.logger = logging.getLogger(self.__class__.__name__)
 
@@ -236,13 +160,8 @@ class SelfCleansing:
 
     @torch.no_grad()
     def collect(self, rnd: CleansingRound) -> None:
-        """Losses, predictions and LCM candidates for every sample; each rank takes a share, then all share all."""
-        net = unwrap(self.network)
-        was_training = net.training
-        net.eval()
-        device = self.device or next(net.parameters()).device
-        samples = self.dataset.data
-        n = len(samples)
+        """Losses, predictions and candidate labels for every sample; each rank takes a share, then all share all."""
+        n = len(self.dataset.data)
         shape = tuple(self.store.labels.shape[1:])
         manual_loss, pseudo_loss = torch.zeros(n), torch.zeros(n)
         prediction = torch.zeros((n, *shape), dtype=torch.uint8)
@@ -250,28 +169,23 @@ class SelfCleansing:
         # the predicted class's probability, quantised to 1/255: enough for a threshold, 4x smaller than float
         confidence = torch.zeros((n, *shape), dtype=torch.uint8)
         mine = list(range(idist.get_rank(), n, idist.get_world_size()))
-        for start in range(0, len(mine), self.batch_size):
-            ids = mine[start : start + self.batch_size]
-            image = torch.stack([samples[i]["image"] for i in ids]).to(device)
-            label = torch.stack([samples[i]["label"] for i in ids]).to(device).float()
-            pseudo = self.store.labels[ids][:, None].to(device).float()
-            logits, features = self._forward(net, image)
-            manual_loss[ids] = self.filter_loss(logits, label).cpu()
-            pseudo_loss[ids] = self.filter_loss(logits, pseudo).cpu()
-            # max(1).indices: the same first-maximum index as argmax(1), which reduces far slower on CPU
-            pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.max(1).indices
-            prediction[ids] = pred.to(torch.uint8).cpu()
-            probs = probabilities(logits)
-            top = torch.where(logits[:, 0] > 0, probs[:, 0], 1 - probs[:, 0]) if logits.shape[1] == 1 else \
-                probs.max(1).values
-            confidence[ids] = (top * 255).round().to(torch.uint8).cpu()
-            if self.pseudo_source == "none":
-                candidates[ids] = IGNORE_INDEX
-            else:
-                cand = cleanse_batch(features, pred, num_classes=self.num_classes, mode=self.pseudo_source,
-                                     hole_fraction=self.hole_fraction, **self.lcm)
-                candidates[ids] = cand.to(torch.uint8).cpu()
-        net.train(was_training)
+        loss = self.label_filter.loss
+        with eval_mode(self.network) as (net,):
+            device = next(net.parameters()).device
+            for ids, image in self.slice_pass.batches(self.dataset, mine, device):
+                label = torch.stack([self.dataset.data[i]["label"] for i in ids]).to(device).float()
+                pseudo = self.store.labels[ids][:, None].to(device).float()
+                logits, features = self.slice_pass.forward(net, image, features=True)
+                manual_loss[ids] = loss(logits, label).cpu()
+                pseudo_loss[ids] = loss(logits, pseudo).cpu()
+                # max(1).indices: the same first-maximum index as argmax(1), which reduces far slower on CPU
+                pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.max(1).indices
+                prediction[ids] = pred.to(torch.uint8).cpu()
+                probs = probabilities(logits)
+                top = torch.where(logits[:, 0] > 0, probs[:, 0], 1 - probs[:, 0]) if logits.shape[1] == 1 else \
+                    probs.max(1).values
+                confidence[ids] = (top * 255).round().to(torch.uint8).cpu()
+                candidates[ids] = self.source.candidates(features, pred, self.num_classes).cpu()
         if idist.get_world_size() > 1:
             # disjoint shares summed = the whole set on every rank
             manual_loss, pseudo_loss = idist.all_reduce(manual_loss), idist.all_reduce(pseudo_loss)
@@ -289,47 +203,12 @@ class SelfCleansing:
                              "SliceDataset")
         return [v["n_slices"] for v in info]
 
-    def _forward(self, net: torch.nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, features = (t.float() for t in net.forward_features(image))
-        if self.flip_average:
-            for dims in ((-1,), (-2,), (-2, -1)):
-                flipped_logits, flipped_features = net.forward_features(image.flip(dims))
-                logits = logits + flipped_logits.float().flip(dims)
-                features = features + flipped_features.float().flip(dims)
-            logits, features = logits / 4, features / 4
-        return logits, features
-
     def filter(self, rnd: CleansingRound) -> None:
-        """GMM-1 on the manual losses, GMM-2 on the pseudo losses, then the cascade."""
-        n = rnd.manual_loss.shape[0]
-        rnd.manual_filter = gmm_filter(rnd.manual_loss, seed=self.seed)
-        has = self.store.has_pseudo.clone()
-        judged = has if self.unlabelled_as_noisy else torch.ones_like(has)
-        pseudo_clean = torch.zeros(n, dtype=torch.bool)
-        pseudo_prob = torch.zeros(n)
-        if judged.any():
-            rnd.pseudo_filter = gmm_filter(rnd.pseudo_loss[judged], seed=self.seed)
-            pseudo_clean[judged] = rnd.pseudo_filter.clean
-            pseudo_prob[judged] = rnd.pseudo_filter.clean_prob.float()
-        actions = cascade(rnd.manual_filter.clean, pseudo_clean)
-        if self.refresh:
-            actions[~rnd.manual_filter.clean] = CLEANSE
-        if not self.use_filter:
-            actions[:] = CLEANSE
-        rnd.actions = actions
-        rnd.summary.update(
-            epoch=rnd.epoch,
-            manual_clean=int(rnd.manual_filter.clean.sum()),
-            manual_noisy=int((~rnd.manual_filter.clean).sum()),
-            pseudo_clean=int(pseudo_clean.sum()),
-            pseudo_noisy=int(n - pseudo_clean.sum()),
-            kept_manual=int((actions == KEEP_MANUAL).sum()),
-            kept_pseudo=int((actions == KEEP_PSEUDO).sum()),
-            cleansed=int((actions == CLEANSE).sum()),
-            manual_filter_status=rnd.manual_filter.status,
-            pseudo_filter_status=rnd.pseudo_filter.status if rnd.pseudo_filter is not None else "no_pseudo_labels",
-        )
-        rnd.pseudo_clean_prob = pseudo_prob
+        """The label filter's verdicts on the round's losses."""
+        verdicts = self.label_filter(rnd.manual_loss, rnd.pseudo_loss, self.store.has_pseudo.clone())
+        rnd.manual_filter, rnd.pseudo_filter = verdicts.manual, verdicts.pseudo
+        rnd.actions, rnd.pseudo_clean_prob = verdicts.actions, verdicts.pseudo_clean_prob
+        rnd.summary.update(epoch=rnd.epoch, **verdicts.summary())
 
     def cleanse(self, rnd: CleansingRound) -> None:
         """Build the new Y' from the actions and write it, with the verdicts, into the store."""
@@ -356,3 +235,26 @@ class SelfCleansing:
             # every rank computed the same round from the same gathered inputs; copying rank 0's store (labels,
             # verdicts, history) makes that a guarantee rather than a consequence of deterministic GMM fits
             self.store.broadcast(src=0)
+
+
+# keyword arguments of SelfCleansing up to bundle version 0.6.0, and where each one went
+_RENAMED = {
+    "pseudo_source": "source (a component: scripts.sources.GridPrototypes, AveragedPrototype, Prediction or "
+                     "NoPseudoLabel, for 'grid', 'avg', 'pred' and 'none')",
+    **{k: f"source#{k} (an argument of scripts.sources.GridPrototypes)"
+       for k in ("grid", "sigma", "mu", "component_fraction", "hole_fraction")},
+    **{k: f"rules#{k} (scripts.targets.TargetRules)"
+       for k in ("agreement", "agreement_confidence", "confident_fill", "empty_fill", "neighbour_fill",
+                 "ignore_empty", "ignore_drawn", "empty_margin", "repair_radius")},
+    "use_filter": "label_filter#enabled (scripts.filtering.LabelFilter)",
+    "filter_loss": "label_filter#loss (scripts.filtering.LabelFilter)",
+    **{k: f"label_filter#{k} (scripts.filtering.LabelFilter)" for k in ("unlabelled_as_noisy", "refresh", "seed")},
+    **{k: f"slice_pass#{k} (scripts.slice_pass.SlicePass)" for k in ("batch_size", "flip_average")},
+    "device": "nothing: the round runs on the network's device",
+}
+
+
+def _renamed_message(given: dict) -> str:
+    lines = [f"train#cleansing#{k} is now train#cleansing#{_RENAMED[k]}" if k in _RENAMED
+             else f"train#cleansing#{k} is not an argument of SelfCleansing" for k in sorted(given)]
+    return "SelfCleansing takes its parts as components since bundle version 0.7.0:\n  " + "\n  ".join(lines)

@@ -21,7 +21,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from scripts.competitors import split_logits
-from scripts.losses import IGNORE_INDEX
+from scripts.ignore_index import IGNORE_INDEX
 
 __all__ = ["joint_pixel_loss", "small_loss_mask", "JoCoRLoss", "ForgetRateSchedule", "forget_ramp"]
 

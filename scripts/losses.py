@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
-__all__ = ["SegmentationLoss", "HybridLoss", "probabilities", "IGNORE_INDEX"]
+from scripts.ignore_index import IGNORE_INDEX
 
-IGNORE_INDEX = 255  # label value of pixels without supervision (uint8 pseudo-labels)
+__all__ = ["SegmentationLoss", "HybridLoss", "probabilities", "IGNORE_INDEX"]
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:

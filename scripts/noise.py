@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from scripts.losses import IGNORE_INDEX
+from scripts.ignore_index import IGNORE_INDEX
 
 __all__ = ["CLEAN", "MISSING", "BOUNDARY", "ORACLES", "disk", "simulate_label_noise", "oracle_labels"]
 

@@ -41,6 +41,7 @@ __all__ = [
     "prototype_score_naive",
     "cleanse_labels",
     "cleanse_batch",
+    "effective_grid",
 ]
 
 EPS = 1e-8
@@ -236,7 +237,7 @@ def prototype_score_naive(features: torch.Tensor, prototypes: torch.Tensor) -> t
     return cos.mean(dim=1).reshape(h, w)
 
 
-def _effective_grid(grid: int, h: int, w: int) -> int:
+def effective_grid(grid: int, h: int, w: int) -> int:
     g = min(int(grid), h, w)
     if g < 1 or h % g or w % g:
         raise ValueError(
@@ -310,7 +311,7 @@ def cleanse_labels(
     f = _as_float(features)
     pred = prediction.to(f.device)
     _, h, w = f.shape
-    g = _effective_grid(grid, h, w) if mode == "grid" else 0
+    g = effective_grid(grid, h, w) if mode == "grid" else 0
 
     scores = []
     for c in range(1, num_classes):

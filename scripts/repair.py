@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from scripts.losses import IGNORE_INDEX
+from scripts.ignore_index import IGNORE_INDEX
 
 __all__ = ["signed_distance", "offset_mask", "offset_repair", "adjacent_labels", "near_foreground"]
 

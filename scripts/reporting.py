@@ -19,9 +19,10 @@ from ignite.engine import Engine, Events
 from scripts.engine import CleansingEvents
 from scripts.filtering import CLEANSE
 from scripts.handlers import CleansingRound, SelfCleansing
-from scripts.network import unwrap
+from scripts.slice_pass import eval_mode
+from scripts.sources import GridPrototypes
 
-__all__ = ["CleansingLogger", "DiceReport", "MetricsHistory", "CleansingImages", "TrainingProgress"]
+__all__ = ["CleansingLogger", "DiceReport", "MetricsHistory", "CleansingImages", "TrainingProgress", "loss_value"]
 
 
 def _trim_csv(path: str | None, epoch: int) -> int:
@@ -224,27 +225,13 @@ class CleansingImages:
 
     @torch.no_grad()
     def _degree_maps(self, image: torch.Tensor, prediction: torch.Tensor) -> list[torch.Tensor]:
-        from scripts.prototypes import _effective_grid, grid_features, representation_degree
-
-        net = unwrap(self.cleansing.network)
-        was_training = net.training
-        net.eval()
-        device = next(net.parameters()).device
-        _, feats = net.forward_features(image[None].to(device))
-        net.train(was_training)
-        feats = feats[0].float().cpu()
-        h, w = prediction.shape
-        g = _effective_grid(self.cleansing.lcm["grid"], h, w)
-        maps = []
-        for c in range(1, self.cleansing.num_classes):
-            region = prediction == c
-            cells, inside = grid_features(feats, region, g)
-            degree = representation_degree(cells, inside)
-            if inside.any():
-                d = degree[inside]
-                degree = torch.where(inside, (degree - d.min()) / (d.max() - d.min()).clamp_min(1e-12), degree)
-            maps.append(degree.reshape(g, g))
-        return maps
+        # the figure shows the paper's representation degree whatever the round's source is
+        source = self.cleansing.source
+        grid = source if isinstance(source, GridPrototypes) else GridPrototypes()
+        with eval_mode(self.cleansing.network) as (net,):
+            image = image[None].to(next(net.parameters()).device)
+            _, features = self.cleansing.slice_pass.forward(net, image, features=True)
+        return grid.degree_maps(features[0].cpu(), prediction, self.cleansing.num_classes)
 
     def __call__(self, engine: Engine) -> None:
         from scripts.figures import gmm_figure, pseudo_label_figure, representation_figure
@@ -274,6 +261,13 @@ class CleansingImages:
         self._emit(f"{tag}_pseudo_labels", pseudo_label_figure(images, rows), rnd.epoch)
 
 
+def loss_value(output, key: str = "loss") -> float:
+    """The training loss of an iteration's output as a float, for the handlers that log it: the trainer's output
+    is one dictionary, or a list of them when it decollates."""
+    item = output[0] if isinstance(output, list) else output
+    return float(item[key])
+
+
 class TrainingProgress:
     """A progress bar over each epoch's iterations showing the running loss (Ignite's ``ProgressBar``, attached
     with an output transform, which a handler list cannot pass on its own).
@@ -290,9 +284,4 @@ class TrainingProgress:
         if idist.get_rank() != 0 or not sys.stderr.isatty():
             return
         key = self.output_key
-
-        def loss_of(output):
-            item = output[0] if isinstance(output, list) else output
-            return {key: float(item[key].detach())}
-
-        ProgressBar(persist=self.persist).attach(engine, output_transform=loss_of)
+        ProgressBar(persist=self.persist).attach(engine, output_transform=lambda out: {key: loss_value(out, key)})

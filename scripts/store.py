@@ -85,6 +85,21 @@ class PseudoLabelStore:
         self.actions = torch.cat([self.actions, actions.to(torch.uint8).cpu()[None]], 0)
         self.rounds.append(dict(summary))
 
+    def record_refinement(self, refined: torch.Tensor, changed: torch.Tensor, summary: dict) -> None:
+        """Record labels a competitor refined outside the cleansing round (Confident Learning, Superpixel-guided):
+        Y' becomes ``refined``, the (N,) ``changed`` slices count as cleansed, the others as keeping their manual
+        label, and no verdict posterior exists (all 1)."""
+        from scripts.filtering import CLEANSE, KEEP_MANUAL
+
+        changed = torch.as_tensor(changed, dtype=torch.bool).cpu()
+        if changed.shape != (refined.shape[0],):
+            raise ValueError(f"changed must flag each of the {refined.shape[0]} slices, got shape "
+                             f"{tuple(changed.shape)}")
+        actions = torch.full(changed.shape, KEEP_MANUAL, dtype=torch.uint8)
+        actions[changed] = CLEANSE
+        ones = torch.ones(len(changed))
+        self.record_round(actions, refined, ones, ones, summary)
+
     def broadcast(self, src: int = 0) -> None:
         """Make this process's store a copy of rank ``src``'s: pseudo-labels, verdicts and history. A no-op unless
         ``torch.distributed`` runs with more than one process; every process of the group must call it."""

@@ -24,7 +24,6 @@ from skimage.segmentation import slic
 
 from scripts.competitors import predict_slices
 from scripts.engine import HybridPrepareBatch
-from scripts.filtering import CLEANSE, KEEP_MANUAL
 from scripts.jocor import JoCoRLoss
 from scripts.store import PseudoLabelStore
 
@@ -196,9 +195,6 @@ class SuperpixelRefinement:
         if clean is not None:
             summary["pixel_error_manual"] = float((manual != clean).float().mean())
             summary["pixel_error_refined"] = float((refined != clean).float().mean())
-        actions = torch.where(changed, torch.full_like(changed, CLEANSE, dtype=torch.uint8),
-                              torch.full_like(changed, KEEP_MANUAL, dtype=torch.uint8))
-        ones = torch.ones(len(manual))
-        self.store.record_round(actions, refined, ones, ones, summary)
+        self.store.record_refinement(refined, changed, summary)
         self.logger.info("superpixel refinement: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else
                                                               f"{k} {v}" for k, v in summary.items()))

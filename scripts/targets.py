@@ -3,8 +3,8 @@
 The paper trains a cleansed slice on its LCM pseudo-label as a whole. The rules here (all off by default, which is
 the paper's behaviour) mark the pixels of that pseudo-label that are not to be trusted as unsupervised
 (``IGNORE_INDEX``), using what else the round knows of the slice: its manual label, the network's prediction and
-confidence, and the manual labels of the slices next to it. :class:`~scripts.handlers.SelfCleansing` takes the
-rules as keyword arguments and documents each one; this module holds the tensor logic, testable on its own.
+confidence, and the manual labels of the slices next to it. :class:`~scripts.handlers.SelfCleansing` takes a
+:class:`TargetRules` as its ``rules`` component (``train#cleansing#rules`` in the configs).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scripts.losses import IGNORE_INDEX
+from scripts.ignore_index import IGNORE_INDEX
 from scripts.repair import near_foreground, offset_repair
 
 __all__ = ["TargetRules", "cleansed_targets"]
@@ -21,10 +21,36 @@ __all__ = ["TargetRules", "cleansed_targets"]
 
 @dataclass(frozen=True)
 class TargetRules:
-    """Which pixels of a cleansed slice's LCM output supervise training (see ``SelfCleansing`` for each rule).
+    """Which pixels of a cleansed slice's candidate label supervise training; all off is the paper's behaviour.
 
     Probabilities (``agreement_confidence``, ``confident_fill``, ``empty_fill``) are compared with the round's
     confidence maps, which hold the predicted class's probability quantised to 1/255.
+
+    Args:
+        agreement: keep the candidate only where it agrees with the manual label and mark the other pixels
+            unsupervised (``IGNORE_INDEX``), so a slice judged noisy still teaches what its annotator and the
+            network agree on, and its contested pixels teach nothing rather than a guess.
+        agreement_confidence: with ``agreement``, an agreeing pixel is kept only where the network's probability
+            for its predicted class reaches this value (``None``: every agreeing pixel); the uncertain rest, mostly
+            along boundaries where network and annotator can be wrong together, carries no loss.
+        confident_fill: with ``agreement``, a contested pixel still takes the candidate where the network's
+            probability for its predicted class is at least this value (``None``: contested pixels stay
+            unsupervised), so a missing structure the network is sure of is restored rather than left blank.
+        empty_fill: with ``agreement``, on a slice whose manual label has no foreground at all (a slice the
+            annotator may have missed), a pixel takes the candidate where the network's probability for it reaches
+            this value (``None``: such a slice supervises only the background the network agrees on).
+        neighbour_fill: with ``agreement``, a slice whose manual label is empty also takes the candidate's
+            foreground where it agrees with the manual label of the previous or the next slice of its volume.
+        ignore_empty: a slice whose manual label has no foreground carries no supervision at all, instead of the
+            background the network agrees on.
+        ignore_drawn: a slice whose manual label has foreground carries no supervision at all: contours judged
+            wrong teach nothing, neither where the network agrees with them (which confirms the network's own
+            boundary errors) nor elsewhere. Slices with an empty label keep their candidate.
+        empty_margin: with ``agreement``, on a slice whose manual label is empty, the agreed background is kept only
+            farther than this many pixels (chessboard distance) from the predicted foreground (``None``: all of it).
+        repair_radius: with ``agreement``, each structure of the manual label is first moved onto the network's
+            prediction by the dilation or erosion of at most this many pixels that fits it best
+            (:func:`scripts.repair.offset_repair`), and the agreement test compares with that repaired label.
     """
 
     agreement: bool = False
@@ -52,7 +78,7 @@ class TargetRules:
             raise ValueError("ignore_empty and neighbour_fill exclude each other")
         if self.ignore_drawn and self.ignore_empty:
             raise ValueError("ignore_drawn and ignore_empty together leave every cleansed slice out: use "
-                             "pseudo_source='none' for that")
+                             "the source scripts.sources.NoPseudoLabel for that")
         if self.empty_margin is not None and (not self.agreement or self.ignore_empty or self.empty_margin < 1):
             raise ValueError(f"empty_margin ({self.empty_margin}) needs agreement=True, ignore_empty=False and a "
                              "margin >= 1")

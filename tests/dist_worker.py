@@ -58,10 +58,14 @@ def main() -> None:
 
     from scripts.data import SliceDataset
     from scripts.engine import CleansingEvents, HybridPrepareBatch
+    from scripts.filtering import LabelFilter
     from scripts.handlers import HybridLossSchedule, SelfCleansing
     from scripts.losses import HybridLoss, SegmentationLoss
     from scripts.network import ResidualUNet, unwrap
+    from scripts.slice_pass import SlicePass
+    from scripts.sources import GridPrototypes
     from scripts.store import PseudoLabelStore
+    from scripts.targets import TargetRules
 
     # a different seed per rank: DistributedDataParallel must make the start weights equal by itself
     set_determinism(seed=10 + rank)
@@ -70,8 +74,9 @@ def main() -> None:
     net = torch.nn.parallel.DistributedDataParallel(ResidualUNet(spatial_dims=2, in_channels=1, out_channels=4))
     loss = HybridLoss(SegmentationLoss("dicece"))
     store = PseudoLabelStore("zeros")
-    cleansing = SelfCleansing(net, dataset, store, num_classes=4, start_epoch=1, interval=1, pseudo_source="grid",
-                              grid=8, refresh=True, agreement=True, seed=0, batch_size=4)
+    cleansing = SelfCleansing(net, dataset, store, num_classes=4, start_epoch=1, interval=1,
+                              source=GridPrototypes(grid=8), rules=TargetRules(agreement=True),
+                              label_filter=LabelFilter(refresh=True, seed=0), slice_pass=SlicePass(batch_size=4))
     sampler = DistributedSampler(dataset, shuffle=True, even_divisible=True)
     trainer = SupervisedTrainer(
         device=torch.device("cpu"),

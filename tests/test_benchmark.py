@@ -30,14 +30,16 @@ def test_every_registered_method_has_its_configs():
         assert parser["self_cleansing"] is False  # a competitor replaces self-cleansing, it does not add to it
 
 
-@pytest.mark.parametrize("method, source", [("ablation_lcm", "grid"), ("ablation_lcm_pred", "pred"),
-                                            ("ablation_lcm_avg", "avg")])
+@pytest.mark.parametrize("method, source", [("ablation_lcm", "GridPrototypes"),
+                                            ("ablation_lcm_pred", "Prediction"),
+                                            ("ablation_lcm_avg", "AveragedPrototype")])
 def test_ablations_are_the_paper_recipe_without_the_filter(method, source):
-    parser = _parser(benchmark.METHODS[method])
-    cleansing = parser["train"]["cleansing"]
-    assert cleansing["use_filter"] is False
-    assert cleansing["pseudo_source"] == source
-    assert cleansing["refresh"] is False and cleansing["agreement"] is False  # the rest is configs/paper.json
+    cleansing = _parser(benchmark.METHODS[method]).get("train#cleansing")
+    assert cleansing["label_filter"]["enabled"] is False
+    assert cleansing["source"]["_target_"] == f"scripts.sources.{source}"
+    # the rest is configs/paper.json: no target rules, no refresh
+    assert cleansing["rules"] == {"_target_": "scripts.targets.TargetRules"}
+    assert cleansing["label_filter"]["refresh"] is False
 
 
 def _result(data, noise, loss, method, seed, level):

@@ -107,7 +107,7 @@ def test_second_training_on_cleansed_labels_with_repair_options(trained, phantom
                    "--output_dir", str(second / "runs"), "--ckpt_dir", str(second / "models"),
                    "--slice_size", SLICE, "--patch_size", PATCH, "--epochs", "1", *SHORT,
                    "--train#store#source", str(source),
-                   "--train#cleansing#flip_average", "true"))
+                   "--train#cleansing#slice_pass#flip_average", "true"))
     store = _state(second / "runs")["store"]
     # the history goes on from the first run's two rounds; the labels it started from were the first run's
     assert [r["epoch"] for r in store["rounds"]] == [1, 2, 1]

@@ -14,6 +14,7 @@ from scripts.figures import (CLASS_ALPHA, CLASS_COLOURS, GAP, PANEL_PIXELS, UNSU
 from scripts.filtering import gmm_filter
 from scripts.handlers import CleansingRound, SelfCleansing
 from scripts.reporting import CleansingImages
+from scripts.sources import Prediction
 from scripts.store import PseudoLabelStore
 from tests.test_handlers import constant_network, toy_dataset
 
@@ -101,8 +102,7 @@ class _Writer:
 def test_a_round_writes_its_pictures(tmp_path):
     ds = toy_dataset(missing=(1, 9, 17))
     store = PseudoLabelStore("zeros")
-    handler = SelfCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, grid=32,
-                            pseudo_source="pred")
+    handler = SelfCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, source=Prediction())
     store.initialise(ds.labels())
     rnd = CleansingRound(epoch=3, index=1)
     handler.collect(rnd)

@@ -15,13 +15,16 @@ from conftest import REPO_ROOT, load_nifti
 
 from scripts.data import SliceDataset, acdc_datalist
 from scripts.engine import CleansingEvents, HybridPrepareBatch
-from scripts.filtering import CLEANSE, KEEP_MANUAL, KEEP_PSEUDO
+from scripts.filtering import CLEANSE, KEEP_MANUAL, KEEP_PSEUDO, LabelFilter
 from scripts.handlers import CleansingRound, HybridLossSchedule, SelfCleansing
 from scripts.losses import HybridLoss, SegmentationLoss
 from scripts.network import ResidualUNet
 from scripts.noise import disk
 from scripts.repair import near_foreground
+from scripts.slice_pass import SlicePass
+from scripts.sources import GridPrototypes, Prediction
 from scripts.store import PseudoLabelStore
+from scripts.targets import TargetRules
 
 
 def disc_volume(n_slices: int, size: int = 32, seed: int = 0):
@@ -76,12 +79,23 @@ def constant_network(ds):
     return net
 
 
+_FILTER_OPTIONS = {"unlabelled_as_noisy", "refresh", "enabled", "seed"}
+
+
+def cleansing(ds, store, net=None, source=None, **options) -> SelfCleansing:
+    """A round on the toy set cleansed by the prediction; ``options`` name target rules and label filter options."""
+    rules = {k: options.pop(k) for k in list(options) if k in TargetRules.__dataclass_fields__}
+    label_filter = {k: options.pop(k) for k in list(options) if k in _FILTER_OPTIONS}
+    return SelfCleansing(net if net is not None else constant_network(ds), ds, store, num_classes=2, start_epoch=1,
+                         source=source if source is not None else Prediction(), rules=TargetRules(**rules),
+                         label_filter=LabelFilter(**label_filter), **options)
+
+
 def first_round(missing: tuple, **kwargs):
     """One cleansing round on the toy set with the given slices' labels removed, cleansed by prediction."""
     ds = toy_dataset(missing=missing)
     store = PseudoLabelStore("zeros")
-    handler = SelfCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, grid=32,
-                            pseudo_source="pred", **kwargs)
+    handler = cleansing(ds, store, **kwargs)
     store.initialise(ds.labels())
     rnd = CleansingRound(epoch=1, index=1)
     handler.collect(rnd)
@@ -118,8 +132,7 @@ def test_first_round_with_all_zero_pseudo_labels(unlabelled_as_noisy):
 def test_refresh_recleanses_noisy_slices_every_round():
     ds = toy_dataset(missing=(2, 3))
     store = PseudoLabelStore("zeros")
-    handler = SelfCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, grid=32,
-                            pseudo_source="pred", refresh=True)
+    handler = cleansing(ds, store, refresh=True)
     store.initialise(ds.labels())
     for index in (1, 2):
         rnd = CleansingRound(epoch=index, index=index)
@@ -151,7 +164,8 @@ def test_round_fires_events_in_order_and_updates_store_during_training():
 
     trainer = Engine(step)
     HybridLossSchedule(loss, e1=1, e2=2).attach(trainer)
-    SelfCleansing(net, ds, store, num_classes=2, start_epoch=1, interval=1, grid=32, batch_size=8).attach(trainer)
+    SelfCleansing(net, ds, store, num_classes=2, start_epoch=1, interval=1, source=GridPrototypes(grid=32),
+                  slice_pass=SlicePass(batch_size=8)).attach(trainer)
     fired = []
     for event in CleansingEvents:
         trainer.add_event_handler(event, lambda e, ev=event: fired.append(ev))
@@ -178,7 +192,7 @@ def test_audit_writes_verdicts_and_volumes_in_source_geometry(acdc_dir, tmp_path
     net = ResidualUNet(out_channels=4)
     ckpt = tmp_path / "model.pt"
     torch.save(net.state_dict(), ckpt)
-    out = run_audit(net, ds, str(ckpt), str(tmp_path / "audit"), num_classes=4, grid=24)
+    out = run_audit(net, ds, str(ckpt), str(tmp_path / "audit"), num_classes=4, source=GridPrototypes(grid=24))
     rows = (out / "audit.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + len(ds)
     for rec in records:
@@ -188,7 +202,7 @@ def test_audit_writes_verdicts_and_volumes_in_source_geometry(acdc_dir, tmp_path
         assert written.shape == source.shape
         np.testing.assert_allclose(written.affine, source.affine)
     with pytest.raises(FileExistsError, match="not empty"):
-        run_audit(net, ds, str(ckpt), str(out), num_classes=4, grid=24)
+        run_audit(net, ds, str(ckpt), str(out), num_classes=4, source=GridPrototypes(grid=24))
 
 
 def test_audit_maps_zoomed_canvas_slices_back_to_the_source(acdc_dir):
@@ -271,8 +285,7 @@ def test_agreement_confidence_leaves_uncertain_agreeing_pixels_unsupervised():
     missing = (1, 5, 9, 13, 17, 21)
     ds = toy_dataset(missing=missing)
     store = PseudoLabelStore("zeros")
-    handler = SelfCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, grid=32,
-                            pseudo_source="pred", agreement=True, agreement_confidence=0.8)
+    handler = cleansing(ds, store, agreement=True, agreement_confidence=0.8)
     store.initialise(ds.labels())
     rnd = CleansingRound(epoch=1, index=1)
     handler.collect(rnd)
@@ -303,8 +316,7 @@ def test_confident_fill_restores_what_the_network_is_sure_of():
 
 def _round_on(ds: SliceDataset, **kwargs) -> tuple[PseudoLabelStore, CleansingRound]:
     store = PseudoLabelStore("zeros")
-    handler = SelfCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, grid=32,
-                            pseudo_source="pred", agreement=True, **kwargs)
+    handler = cleansing(ds, store, agreement=True, **kwargs)
     store.initialise(ds.labels())
     rnd = CleansingRound(epoch=1, index=1)
     handler.collect(rnd)
@@ -329,7 +341,7 @@ def test_repair_radius_moves_a_wide_contour_back_and_keeps_its_ring_supervised()
         assert (plain.labels[i][ring] == 255).all()  # as drawn, the ring is contested
         assert torch.equal(repaired.labels[i], clean[i])  # repaired, it is background again and supervised
     with pytest.raises(ValueError, match="agreement"):
-        SelfCleansing(constant_network(ds), ds, PseudoLabelStore(), num_classes=2, start_epoch=1, repair_radius=3)
+        cleansing(ds, PseudoLabelStore(), repair_radius=3)
 
 
 def test_empty_fill_restores_only_slices_whose_label_is_empty():
@@ -349,19 +361,18 @@ def test_empty_fill_restores_only_slices_whose_label_is_empty():
 
 def test_flip_average_makes_the_round_prediction_flip_equivariant():
     torch.manual_seed(0)
-    ds = toy_dataset()
     net = ResidualUNet(spatial_dims=2, in_channels=1, out_channels=2).eval()
-    handler = SelfCleansing(net, ds, PseudoLabelStore(), num_classes=2, start_epoch=1, flip_average=True)
+    slice_pass = SlicePass(flip_average=True)
     image = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
-        logits, features = handler._forward(net, image)
+        logits, features = slice_pass.forward(net, image, features=True)
         flips = [(), (-1,), (-2,), (-2, -1)]
         outputs = [net.forward_features(image.flip(d) if d else image) for d in flips]
         expected = sum(o[0].flip(d) if d else o[0] for o, d in zip(outputs, flips)) / 4
         assert torch.allclose(logits, expected, atol=1e-5)
         assert features.shape == outputs[0][1].shape
         # a flipped slice gets the flipped prediction, which a single forward pass does not guarantee
-        mirrored, _ = handler._forward(net, image.flip(-1))
+        mirrored, _ = slice_pass.forward(net, image.flip(-1))
         assert torch.allclose(mirrored.flip(-1), logits, atol=1e-5)
         assert not torch.allclose(net(image.flip(-1)).flip(-1), net(image), atol=1e-5)
 
@@ -375,9 +386,9 @@ def test_ignore_empty_leaves_slices_with_empty_labels_unsupervised():
     kept = [i for i in range(len(ds)) if i not in missing]
     assert torch.equal(store.labels[kept], ds.labels()[kept])
     with pytest.raises(ValueError, match="need agreement"):
-        SelfCleansing(constant_network(ds), ds, PseudoLabelStore(), num_classes=2, start_epoch=1, empty_fill=0.9)
+        cleansing(ds, PseudoLabelStore(), empty_fill=0.9)
     with pytest.raises(ValueError, match="exclude each other"):
-        SelfCleansing(constant_network(ds), ds, PseudoLabelStore(), num_classes=2, start_epoch=1, agreement=True,
+        cleansing(ds, PseudoLabelStore(), agreement=True,
                       ignore_empty=True, empty_fill=0.9)
 
 
@@ -398,7 +409,7 @@ def test_empty_margin_keeps_a_missed_slice_background_only_away_from_the_predict
     for bad in ({"empty_margin": 2}, {"agreement": True, "empty_margin": 0},
                 {"agreement": True, "ignore_empty": True, "empty_margin": 2}):
         with pytest.raises(ValueError, match="empty_margin"):
-            SelfCleansing(constant_network(ds), ds, PseudoLabelStore(), num_classes=2, start_epoch=1, **bad)
+            cleansing(ds, PseudoLabelStore(), **bad)
 
 
 def test_ignore_drawn_leaves_cleansed_contours_out_and_keeps_missed_slices():
@@ -417,8 +428,8 @@ def test_ignore_drawn_leaves_cleansed_contours_out_and_keeps_missed_slices():
     assert (store.labels[list(missing)] == 0).any()
     kept = [i for i in range(len(ds)) if i not in missing + tuple(tight)]
     assert torch.equal(store.labels[kept], ds.labels()[kept])
-    with pytest.raises(ValueError, match="pseudo_source='none'"):
-        SelfCleansing(constant_network(ds), ds, PseudoLabelStore(), num_classes=2, start_epoch=1, ignore_drawn=True,
+    with pytest.raises(ValueError, match="NoPseudoLabel"):
+        cleansing(ds, PseudoLabelStore(), ignore_drawn=True,
                       ignore_empty=True)
 
 
@@ -440,10 +451,10 @@ def test_neighbour_fill_takes_what_the_prediction_and_an_adjacent_contour_agree_
     assert not (store.labels[16] == 1).any()
     assert torch.equal(store.labels[17] == 1, (clean[17] == 1) & (manual[18] == 1))
     with pytest.raises(ValueError, match="need agreement"):
-        SelfCleansing(constant_network(ds), ds, PseudoLabelStore(), num_classes=2, start_epoch=1, neighbour_fill=True)
+        cleansing(ds, PseudoLabelStore(), neighbour_fill=True)
     flat = torch.utils.data.TensorDataset(ds.labels())  # slices without volumes: no neighbours to ask
-    handler = SelfCleansing(constant_network(ds), flat, PseudoLabelStore(), num_classes=2, start_epoch=1,
-                            agreement=True, neighbour_fill=True)
+    handler = cleansing(ds, PseudoLabelStore(), agreement=True, neighbour_fill=True)
+    handler.dataset = flat
     with pytest.raises(ValueError, match="volume_info"):
         handler.attach(Engine(lambda engine, batch: None))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scripts.losses import IGNORE_INDEX
+from scripts.ignore_index import IGNORE_INDEX
 from scripts.repair import offset_mask, signed_distance
 from scripts.targets import TargetRules, cleansed_targets
 
@@ -116,7 +116,7 @@ def test_bad_input_names_the_problem():
     ({"agreement": True, "confident_fill": 1.5}, "confident_fill is a probability"),
     ({"agreement": True, "ignore_empty": True, "empty_fill": 0.9}, "exclude each other"),
     ({"agreement": True, "ignore_empty": True, "neighbour_fill": True}, "exclude each other"),
-    ({"ignore_empty": True, "ignore_drawn": True}, "pseudo_source='none'"),
+    ({"ignore_empty": True, "ignore_drawn": True}, "NoPseudoLabel"),
     ({"repair_radius": 2}, "repair_radius"),
     ({"agreement": True, "empty_margin": 0}, "empty_margin"),
 ])
