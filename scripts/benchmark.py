@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from scripts.bench_report import write_report
-from scripts.registry import METHODS, NOISE, PROFILES, method_configs
+from scripts.registry import METHODS, NOISE, PROFILES, RADIUS_SCALE, method_configs
 
 
 def cell_name(data: str, noise: str, loss: str, method: str, seed: int) -> str:
@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    radius_scale = args.radius_scale if args.radius_scale is not None else (0.5 if args.profile == "cpu" and
-                                                                            args.data == "acdc" else 1.0)
+    radius_scale = args.radius_scale if args.radius_scale is not None else \
+        RADIUS_SCALE.get((args.data, args.profile), 1.0)
     extra = [a for a in args.extra if a != "--"]
     grid = [(n, lo, m, int(s)) for n in args.noise.split(",") for lo in args.losses.split(",")
             for m in args.methods.split(",") for s in args.seeds.split(",")]

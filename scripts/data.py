@@ -29,7 +29,7 @@ from scripts.phantom import METADATA_FILE
 logger = logging.getLogger(__name__)
 
 __all__ = ["acdc_datalist", "msd_datalist", "flat_datalist", "datalist", "dataset_layout", "resolve_dataset",
-           "list_volumes", "check_volumes", "SliceDataset", "check_files", "noise_for_phantoms"]
+           "list_volumes", "check_volumes", "SliceDataset", "check_files", "noise_for_phantoms", "spread_subjects"]
 
 LABEL_SUFFIX = "_gt.nii.gz"
 
@@ -220,6 +220,22 @@ def datalist(root: str, split: str = "train", splits_file: str | None = "auto", 
     if layout == "acdc":
         return acdc_datalist(root, split, splits_file, seed=seed, with_label=with_label)
     return flat_datalist(root, split, splits_file, seed=seed, with_label=with_label)
+
+
+def spread_subjects(records: Sequence[dict], count: int) -> list[dict]:
+    """The volumes of ``count`` subjects spaced evenly through ``records``, all volumes of each.
+
+    A small training set for a profile that trains long on few subjects: taking the first subjects instead would
+    take one pathology group of ACDC, whose patients are numbered by group. A subject is the part of a record's
+    ``case`` before ``_frame`` (ACDC holds two frames per patient), else the whole case name."""
+    subjects: dict[str, list[dict]] = {}
+    for rec in records:
+        subjects.setdefault(str(rec.get("case", rec["image"])).split("_frame")[0], []).append(rec)
+    names = list(subjects)
+    if not 1 <= count <= len(names):
+        raise ValueError(f"cannot take {count} subjects from a list of {len(names)}")
+    picked = [names[i * len(names) // count] for i in range(count)]
+    return [rec for name in picked for rec in subjects[name]]
 
 
 def list_volumes(folder: str, pattern: str = "*.nii.gz", exclude: str = LABEL_SUFFIX) -> list[dict]:

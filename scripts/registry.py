@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["METHODS", "NOISE", "PROFILES", "method_configs"]
+__all__ = ["METHODS", "NOISE", "PROFILES", "RADIUS_SCALE", "method_configs"]
 
 # A method is a list of configs merged over configs/train.json (and the data configs).
 METHODS = {
@@ -29,13 +29,19 @@ NOISE = {
     "clean": None,
     **{f"a{a}b{b}": {"alpha": a / 100, "beta": b} for a in (30, 50, 70) for b in (5, 10)},
 }
-# Scale profiles: extra configs per data set and profile.
+# Scale profiles: extra configs per data set and profile. The collapse profile trains on few volumes for many
+# epochs, so that every noisy label is seen often enough to be memorised (docs/README.md, Results).
 PROFILES = {
     ("acdc", "cpu"): ["configs/acdc.json", "configs/acdc_cpu.json"],
+    ("acdc", "collapse"): ["configs/acdc.json", "configs/acdc_cpu.json", "configs/acdc_collapse.json"],
     ("acdc", "paper"): ["configs/acdc.json"],
     ("phantom", "cpu"): ["configs/quick.json"],
     ("phantom", "paper"): [],
 }
+
+
+# The simulated noise's disk radius is given at full resolution; profiles that zoom slices scale it alike.
+RADIUS_SCALE = {("acdc", "cpu"): 0.5, ("acdc", "collapse"): 0.5}
 
 
 def method_configs(method: str) -> list[str] | None:

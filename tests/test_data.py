@@ -21,6 +21,7 @@ from scripts.data import (
     noise_for_phantoms,
     refuse_existing_outputs,
     resolve_dataset,
+    spread_subjects,
 )
 from scripts.store import PseudoLabelStore
 
@@ -440,3 +441,15 @@ def test_score_masks_per_volume_and_class(tmp_path):
     (pred / "b_seg.nii.gz").unlink()
     with pytest.raises(FileNotFoundError, match="b_seg.nii.gz"):
         score_masks(str(data), str(pred), ["RV", "Myo", "LV"])
+
+
+def test_spread_subjects_takes_every_frame_of_evenly_spaced_subjects():
+    records = [{"image": f"p{p:03d}_frame{f}.nii.gz", "case": f"patient{p:03d}_frame{f:02d}"}
+               for p in range(1, 21) for f in (1, 12)]
+    picked = spread_subjects(records, 4)
+    assert [r["case"] for r in picked] == [f"patient{p:03d}_frame{f:02d}" for p in (1, 6, 11, 16) for f in (1, 12)]
+    # a data set of one volume per subject (MSD)
+    single = [{"image": f"la_{i:03d}.nii.gz", "case": f"la_{i:03d}"} for i in range(10)]
+    assert [r["case"] for r in spread_subjects(single, 3)] == ["la_000", "la_003", "la_006"]
+    with pytest.raises(ValueError, match="cannot take 11 subjects"):
+        spread_subjects(single, 11)
