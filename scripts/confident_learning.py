@@ -7,13 +7,17 @@ Within one bundle run (configs/methods/confident_learning.json):
 1. first phase, before epoch 1 (:class:`ConfidentLearningPhase`): the training volumes are split into two halves;
    a teacher (a copy of the untrained network) is trained on each half for ``teacher_epochs`` epochs with the
    training loss and predicts the other half, so every slice gets out-of-sample probabilities;
-2. per-class confident thresholds ``t_k`` = mean probability of class k over the pixels labelled k
-   (:func:`confident_thresholds`); a pixel is a label issue when some class reaches its threshold, the most
-   probable such class differs from the given label, and so does the arg-max (:func:`find_label_issues`, the
-   confident joint's off-diagonal);
-3. the corrected labels (the confident class on flagged pixels) go into the pseudo-label store, and training uses
-   :class:`SLSRLoss`: on flagged pixels the target is ``(1 - ε)·onehot(given) + ε·onehot(corrected)``, elsewhere
-   the given label. The maps are computed once (the original is one-shot as well).
+2. every pixel is one example of cleanlab's classification API: per-class confident thresholds ``t_k`` = mean
+   probability of class k over the pixels labelled k (:func:`confident_thresholds`), and the label issues are the
+   confident joint's off-diagonal (``filter_by="confident_learning"``) less the pixels whose arg-max is the given
+   label (:func:`find_label_issues`);
+3. the corrected labels (the class the confident joint counts a flagged pixel under) go into the pseudo-label
+   store, and training uses :class:`SLSRLoss`: on flagged pixels the target is ``(1 - ε)·onehot(given) +
+   ε·onehot(corrected)``, elsewhere the given label. The maps are computed once (the original is one-shot as well).
+
+An outside peer (configs/methods/cleanlab.json, :class:`CleanlabSegmentationPhase`) shares step 1 and then follows
+cleanlab's segmentation recipe instead: ``cleanlab.segmentation.filter.find_label_issues`` flags pixels, the
+flagged pixels are set to ``IGNORE_INDEX`` in the store, and :class:`StoredLabelLoss` trains on those labels.
 """
 
 from __future__ import annotations
@@ -21,58 +25,115 @@ from __future__ import annotations
 import copy
 import logging
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from cleanlab.count import get_confident_thresholds
+from cleanlab.filter import find_label_issues as cleanlab_label_issues
+from cleanlab.segmentation.filter import find_label_issues as cleanlab_segmentation_issues
+from cleanlab.segmentation.rank import get_label_quality_scores
 from ignite.engine import Engine, Events
 from monai.data import DataLoader
 from torch import nn
 from torch.utils.data import Subset
 
 from scripts.competitors import predict_slices
+from scripts.ignore_index import IGNORE_INDEX
 from scripts.network import unwrap
 from scripts.store import PseudoLabelStore
 
-__all__ = ["confident_thresholds", "find_label_issues", "slsr_targets", "soft_segmentation_loss", "SLSRLoss",
-           "ConfidentLearningPhase", "split_volumes"]
+__all__ = ["pixel_table", "confident_thresholds", "find_label_issues", "segmentation_label_issues",
+           "slice_quality_scores", "slsr_targets", "soft_segmentation_loss", "SLSRLoss", "StoredLabelLoss",
+           "ConfidentLearningPhase", "CleanlabSegmentationPhase", "split_volumes"]
+
+# cleanlab counts a class as confident when its probability reaches the threshold less this margin
+# (cleanlab.count.compute_confident_joint); the correction must use the same rule as the flags
+_CONFIDENT_MARGIN = 1e-6
+
+
+def pixel_table(probs: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels as cleanlab's classification examples: labels (N·H·W,) int64 and probabilities (N·H·W, C)
+    float32, pixel-major.
+
+    The probabilities are copied once, straight from (N, C, H, W) half precision into a float32 channel-last
+    array; a training set (~700 slices of 128 x 128, 4 classes) takes about 180 MB.
+    """
+    num_classes = probs.shape[1]
+    table = torch.empty((*labels.shape, num_classes), dtype=torch.float32)
+    table.copy_(probs.movedim(1, -1))
+    return labels.reshape(-1).long().numpy(), table.view(-1, num_classes).numpy()
 
 
 def confident_thresholds(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-class thresholds (C,): the mean predicted probability of class k over the pixels labelled k;
-    ``inf`` for a class no pixel carries (it can then never be a confident class).
+    """Per-class thresholds (C,): cleanlab's mean predicted probability of class k over the pixels labelled k; a
+    class no pixel carries gets a value above 1, so it can never be a confident class.
 
     Args:
         probs: (N, C, H, W) out-of-sample class probabilities.
         labels: (N, H, W) given labels.
     """
-    thresholds = torch.full((probs.shape[1],), float("inf"))
-    for k in range(probs.shape[1]):
-        mine = labels == k
-        if mine.any():
-            thresholds[k] = float(probs[:, k][mine].to(torch.float64).mean())
-    return thresholds
+    return torch.from_numpy(np.asarray(get_confident_thresholds(*pixel_table(probs, labels)), dtype=np.float64))
 
 
-def find_label_issues(probs: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel label-error map and corrected labels.
+def _label_issues(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Issues (M,) bool, corrected labels (M,) and thresholds (C,) of the pixel table."""
+    # "confident_learning" is the confident joint's off-diagonal, the set Zhang et al. take as label errors;
+    # cleanlab then drops the pixels whose arg-max is the given label. The prune_by_* filters would instead rank
+    # the off-diagonal and keep only as many as the calibrated joint estimates (and only they use n_jobs, for a
+    # process pool this training process has no use for).
+    issues = cleanlab_label_issues(labels, probs, filter_by="confident_learning", n_jobs=1)
+    thresholds = np.asarray(get_confident_thresholds(labels, probs), dtype=np.float64)
+    flagged = np.flatnonzero(issues)
+    # the class the confident joint counts a flagged pixel under: its one confident class, or with several the
+    # arg-max over all classes; it is never the given label, so every flag changes the target
+    p = probs[flagged]
+    confident = p >= thresholds - _CONFIDENT_MARGIN
+    guess = np.where(confident.sum(1) > 1, p.argmax(1), confident.argmax(1))
+    corrected = labels.copy()
+    corrected[flagged] = guess
+    return issues, corrected, thresholds
 
-    A pixel's confident class is the most probable class among those whose probability reaches their threshold.
-    It is a label issue when it has a confident class, that class is not its given label, and neither is its
-    arg-max class.
+
+def find_label_issues(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel label-error map and corrected labels, from cleanlab's confident joint over all pixels.
+
+    A pixel is a label issue when the confident joint counts it off its diagonal (some class reaches its
+    threshold, and the one counted is not the given label) and its arg-max is not the given label either.
 
     Returns:
-        ``(issues, corrected)``: a (N, H, W) boolean map and the labels with each issue replaced by its confident
-        class.
+        ``(issues, corrected)``: a (N, H, W) boolean map and the labels with each issue replaced by the class the
+        confident joint counted it under.
     """
-    if thresholds is None:
-        thresholds = confident_thresholds(probs, labels)
-    probs = probs.float()
-    above = probs >= thresholds.to(probs.device)[None, :, None, None]
-    confident = torch.where(above, probs, torch.full_like(probs, -1.0)).argmax(1)
-    labels_l = labels.long()
-    issues = above.any(1) & (confident != labels_l) & (probs.argmax(1) != labels_l)
-    corrected = torch.where(issues, confident, labels_l).to(labels.dtype)
-    return issues, corrected
+    issues, corrected, _ = _label_issues(*pixel_table(probs, labels))
+    shape = labels.shape
+    return (torch.from_numpy(issues).view(shape),
+            torch.from_numpy(corrected).view(shape).to(labels.dtype))
+
+
+def _segmentation_arrays(probs: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    return labels.long().numpy(), probs.to(torch.float32).contiguous().numpy()
+
+
+def segmentation_label_issues(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) label-issue map of ``cleanlab.segmentation.filter.find_label_issues``: pixels ranked by their
+    self-confidence, as many flagged as cleanlab estimates are wrong, less those whose arg-max is the label.
+
+    Args:
+        probs: (N, C, H, W) out-of-sample class probabilities.
+        labels: (N, H, W) given labels.
+    """
+    labels_np, probs_np = _segmentation_arrays(probs, labels)
+    # one process: cleanlab's pool hands its arrays over through module globals (its docs advise n_jobs=1 when
+    # that fails), and the default would fork one worker per core out of a training process
+    return torch.from_numpy(cleanlab_segmentation_issues(labels_np, probs_np, verbose=False, n_jobs=1))
+
+
+def slice_quality_scores(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """cleanlab's label quality score of each slice (N,), in [0, 1], low for a likely wrong label: the softmin
+    over the pixels of the probability given to the labelled class. Ranking slices by it is cleanlab's
+    slice-level verdict, comparable with the slices any other method calls noisy."""
+    image_scores, _ = get_label_quality_scores(*_segmentation_arrays(probs, labels), verbose=False)
+    return torch.from_numpy(np.asarray(image_scores, dtype=np.float64))
 
 
 def slsr_targets(label: torch.Tensor, corrected: torch.Tensor, num_classes: int, epsilon: float = 0.8
@@ -123,6 +184,19 @@ class SLSRLoss(nn.Module):
         return soft_segmentation_loss(logits, soft, self.kind, self.ce_weight)
 
 
+class StoredLabelLoss(nn.Module):
+    """``loss`` on the store's labels, the second target channel that ``HybridPrepareBatch`` stacks after the
+    given label; with a one-channel target (no store attached yet) on the given label. The cleanlab peer stores
+    its flagged pixels as ``IGNORE_INDEX``, which :class:`scripts.losses.SegmentationLoss` leaves out."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits, target[:, 1:2] if target.shape[1] > 1 else target)
+
+
 def split_volumes(dataset, seed: int = 0) -> tuple[list[int], list[int]]:
     """Two halves of the training slice ids, split by volume (slices of one volume stay together, so a teacher
     never saw a neighbour of a slice it predicts); with a single volume, its slices are halved."""
@@ -153,6 +227,8 @@ class ConfidentLearningPhase:
         batch_size, learning_rate: the teachers' batch size and Adam learning rate.
         seed: seed of the split and of the teachers' shuffling.
     """
+
+    name = "confident learning"
 
     def __init__(self, network: nn.Module, dataset, store: PseudoLabelStore, loss: nn.Module, teacher_epochs: int,
                  batch_size: int = 16, learning_rate: float = 1e-3, seed: int = 0, num_workers: int = 0,
@@ -192,40 +268,69 @@ class ConfidentLearningPhase:
 
     def __call__(self, engine: Engine) -> None:
         if self.store.rounds:
-            self.logger.info("confident learning maps already in the store (resumed run): teachers not retrained")
+            self.logger.info(f"{self.name} maps already in the store (resumed run): teachers not retrained")
             self.dataset.store = self.store
             return
         self.dataset.store = None  # the teachers learn from the given labels only
-        halves = split_volumes(self.dataset, self.seed)
         manual = self.dataset.labels()
-        probs = None
-        for half, (train_ids, predict_ids) in enumerate(((halves[0], halves[1]), (halves[1], halves[0]))):
-            if not train_ids or not predict_ids:
-                raise ValueError("confident learning needs training slices in both halves (two or more volumes, "
-                                 "or one volume with two or more slices)")
-            teacher = self.train_teacher(train_ids, half)
-            p = predict_slices([teacher], self.dataset, predict_ids, batch_size=2 * self.batch_size)
-            if probs is None:  # half precision: a whole training set's probabilities must fit in memory
-                probs = torch.zeros((len(manual), *p.shape[1:]), dtype=torch.float16)
-            probs[predict_ids] = p.to(torch.float16)
-            del teacher
-        thresholds = confident_thresholds(probs, manual)
-        issues = torch.zeros(manual.shape, dtype=torch.bool)
-        corrected = manual.clone()
-        for start in range(0, len(manual), 256):
-            chunk = slice(start, start + 256)
-            issues[chunk], corrected[chunk] = find_label_issues(probs[chunk], manual[chunk], thresholds)
+        probs = self.out_of_sample_probabilities(len(manual))
+        labels, issues, summary = self.refine(probs, manual)
+        del probs
         summary = {"epoch": 0, "flagged_pixel_fraction": float(issues.float().mean()),
-                   "flagged_slices": int(issues.flatten(1).any(1).sum()),
-                   **{f"threshold_{k}": float(t) for k, t in enumerate(thresholds.tolist())}}
+                   "flagged_slices": int(issues.flatten(1).any(1).sum()), **summary}
         clean = self.dataset.clean_labels() if hasattr(self.dataset, "clean_labels") else None
         if clean is not None:
             wrong = manual != clean
             hit = (issues & wrong).sum().item()
             summary.update(flag_precision=hit / max(1, int(issues.sum())), flag_recall=hit / max(1, int(wrong.sum())),
-                           pixel_error_manual=float(wrong.float().mean()),
-                           pixel_error_corrected=float((corrected != clean).float().mean()))
-        self.store.record_refinement(corrected.to(torch.uint8), issues.flatten(1).any(1), summary)
+                           pixel_error_manual=float(wrong.float().mean()), **self.noise_summary(labels, clean))
+        self.store.record_refinement(labels.to(torch.uint8), issues.flatten(1).any(1), summary)
         self.dataset.store = self.store
-        self.logger.info("confident learning: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                            for k, v in summary.items()))
+        self.logger.info(f"{self.name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                       for k, v in summary.items()))
+
+    def out_of_sample_probabilities(self, n_slices: int) -> torch.Tensor:
+        """(N, C, H, W) half-precision probabilities of every slice, from the teacher that did not train on it."""
+        halves = split_volumes(self.dataset, self.seed)
+        probs = None
+        for half, (train_ids, predict_ids) in enumerate(((halves[0], halves[1]), (halves[1], halves[0]))):
+            if not train_ids or not predict_ids:
+                raise ValueError(f"{self.name} needs training slices in both halves (two or more volumes, or one "
+                                 "volume with two or more slices)")
+            teacher = self.train_teacher(train_ids, half)
+            p = predict_slices([teacher], self.dataset, predict_ids, batch_size=2 * self.batch_size)
+            if probs is None:  # half precision: a whole training set's probabilities must fit in memory
+                probs = torch.zeros((n_slices, *p.shape[1:]), dtype=torch.float16)
+            probs[predict_ids] = p.to(torch.float16)
+            del teacher
+        return probs
+
+    def refine(self, probs: torch.Tensor, manual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """The store's new labels (N, H, W), the flagged pixels (N, H, W) and method-specific summary entries."""
+        flat_labels, flat_probs = pixel_table(probs, manual)
+        issues, corrected, thresholds = _label_issues(flat_labels, flat_probs)
+        del flat_probs
+        shape = manual.shape
+        return (torch.from_numpy(corrected).view(shape), torch.from_numpy(issues).view(shape),
+                {f"threshold_{k}": float(t) for k, t in enumerate(thresholds.tolist())})
+
+    def noise_summary(self, labels: torch.Tensor, clean: torch.Tensor) -> dict:
+        return {"pixel_error_corrected": float((labels != clean).float().mean())}
+
+
+class CleanlabSegmentationPhase(ConfidentLearningPhase):
+    """cleanlab's own segmentation recipe on the same out-of-sample probabilities (configs/methods/cleanlab.json):
+    :func:`segmentation_label_issues` flags pixels, and the store gets the given labels with the flagged pixels
+    set to ``IGNORE_INDEX``, so that :class:`StoredLabelLoss` trains on the rest only (cleanlab's advice: leave
+    flagged pixels out of the loss). Arguments as :class:`ConfidentLearningPhase`."""
+
+    name = "cleanlab segmentation"
+
+    def refine(self, probs: torch.Tensor, manual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        issues = segmentation_label_issues(probs, manual)
+        return manual.masked_fill(issues, IGNORE_INDEX), issues, {}
+
+    def noise_summary(self, labels: torch.Tensor, clean: torch.Tensor) -> dict:
+        # how wrong the pixels that still carry loss are, against the manual labels' error over all pixels
+        kept = labels != IGNORE_INDEX
+        return {"pixel_error_supervised": float((labels[kept] != clean[kept]).float().mean()) if kept.any() else 0.0}

@@ -18,6 +18,8 @@ METHODS = {
     "confident_learning": ["configs/methods/confident_learning.json"],
     "jocor": ["configs/methods/jocor.json"],
     "superpixel": ["configs/methods/superpixel.json"],
+    # an outside peer: cleanlab's segmentation filter, flagged pixels left out of the loss
+    "cleanlab": ["configs/methods/cleanlab.json"],
     # Table 4: LCM without LFM (the paper's grid prototypes, the prediction, one averaged prototype); the full
     # method (LCM + LFM) is self_cleansing_paper
     "ablation_lcm": ["configs/paper.json", "configs/ablations/lcm.json"],

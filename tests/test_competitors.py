@@ -101,7 +101,7 @@ def test_confident_thresholds_are_per_class_means():
         assert float(t[k]) == pytest.approx(float(probs[:, k][labels == k].mean()), abs=1e-6)
     # a class no pixel carries can never be a confident class
     t3 = confident_thresholds(torch.softmax(torch.randn(1, 3, 4, 4), 1), torch.zeros(1, 4, 4, dtype=torch.long))
-    assert math.isinf(float(t3[1])) and math.isinf(float(t3[2]))
+    assert float(t3[1]) > 1 and float(t3[2]) > 1
 
 
 def test_confident_learning_flags_disagreeing_confident_pixels():

@@ -20,10 +20,13 @@ SPECIAL = {
     "ct.json": (["train.json"], "train#trainer"),
     "acdc.json": (["train.json"], "train#trainer"),
     "acdc_cpu.json": (["train.json", "acdc.json"], "train#trainer"),
+    "acdc_collapse.json": (["train.json", "acdc.json", "acdc_cpu.json"], "train#trainer"),
     # the oracle references are built from the true flags of simulated noise
     **{f"variants/oracle_{k}.json": (["train.json", "noise.json"], "train#trainer")
        for k in ("drop_missing", "drop_noisy", "fix_boundary")},
 }
+# keys a file needs set otherwise for the three-patient test data
+EXTRA = {"acdc_collapse.json": {"train_subjects": 2}}
 # started by torchrun only: tests/test_distributed.py runs it in two real processes
 NOT_HERE = {"multi_gpu_train.json": "needs a torch.distributed process group (tests/test_distributed.py)"}
 ALL = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.json") if p.name != "metadata.json")
@@ -53,7 +56,7 @@ def test_config_resolves(name, data, tmp_path):
     overrides = {"bundle_root": str(tmp_path), "dataset_dir": str(dataset), "device": torch.device("cpu"),
                  "output_dir": str(tmp_path / "out"), "ckpt_dir": str(tmp_path / "models"),
                  "slice_size": [32, 32], "patch_size": [24, 24], "resize": [32, 32] if name == "ct.json" else None,
-                 "num_workers": 0}
+                 "num_workers": 0, **EXTRA.get(name, {})}
     if base is None:
         overrides = {k: overrides[k] for k in ("bundle_root", "dataset_dir", "device", "output_dir")}
     parser = _parser(files, overrides)
