@@ -103,7 +103,7 @@ def main() -> None:
             for i in range(len(dataset.data)):
                 image = dataset.data[i]["image"][None]
                 label = dataset.data[i]["label"][None].float()
-                local.append(cleansing.filter_loss(model.forward_features(image)[0], label))
+                local.append(cleansing.label_filter.loss(model.forward_features(image)[0], label))
         model.train()
         rounds.append({"gathered_manual_loss": rnd.manual_loss.clone(), "gathered_pseudo_loss": rnd.pseudo_loss.clone(),
                        "local_manual_loss": torch.cat(local)})
