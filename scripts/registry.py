@@ -43,7 +43,7 @@ PROFILES = {
 
 
 # The simulated noise's disk radius is given at full resolution; profiles that zoom slices scale it alike.
-RADIUS_SCALE = {("acdc", "cpu"): 0.5, ("acdc", "collapse"): 0.5}
+RADIUS_SCALE = {("acdc", "cpu"): 0.5, ("acdc", "collapse"): 0.25}
 
 
 def method_configs(method: str) -> list[str] | None:
