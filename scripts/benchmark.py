@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from scripts.bench_report import write_report
-from scripts.registry import METHODS, NOISE, PROFILES, RADIUS_SCALE, method_configs
+from scripts.registry import METHODS, NOISE, PROFILES, method_configs, radius_scale
 
 
 def cell_name(data: str, noise: str, loss: str, method: str, seed: int) -> str:
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0", help="comma list of seeds")
     parser.add_argument("--out", default="runs/benchmark")
     parser.add_argument("--radius_scale", type=float, default=None,
-                        help="scale of the noise disk radius (e.g. 0.5 when slices are downsampled by 2)")
+                        help="scale of the noise disk radius (default: the profile's in-plane scale)")
     parser.add_argument("--export", default=None,
                         help="also write the grid's results.csv here (e.g. docs/results/<table>.csv), the numbers "
                              "behind a docs table")
@@ -160,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    radius_scale = args.radius_scale if args.radius_scale is not None else \
-        RADIUS_SCALE.get((args.data, args.profile), 1.0)
+    noise_radius = args.radius_scale if args.radius_scale is not None else radius_scale(args.data, args.profile)
     extra = [a for a in args.extra if a != "--"]
     grid = [(n, lo, m, int(s)) for n in args.noise.split(",") for lo in args.losses.split(",")
             for m in args.methods.split(",") for s in args.seeds.split(",")]
@@ -180,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {
             "seed": seed,
             "train_loss#kind": loss,
-            "label_noise": None if level is None else {**level, "seed": seed, "radius_scale": radius_scale},
+            "label_noise": None if level is None else {**level, "seed": seed, "radius_scale": noise_radius},
             "_meta": {"data": args.data, "noise": noise, "loss": loss, "method": method, "seed": seed},
         }
         if args.dataset_dir:

@@ -35,6 +35,8 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
+from scripts.losses import SegmentationLoss
+
 __all__ = [
     "KEEP_MANUAL",
     "KEEP_PSEUDO",
@@ -352,11 +354,8 @@ class LabelFilter:
 
     def __init__(self, loss=None, enabled: bool = True, unlabelled_as_noisy: bool = True, refresh: bool = False,
                  seed: int = 0) -> None:
-        if loss is None:
-            from scripts.losses import SegmentationLoss
-
-            loss = SegmentationLoss("dice")
-        self.loss, self.enabled, self.seed = loss, bool(enabled), int(seed)
+        self.loss = loss if loss is not None else SegmentationLoss("dice")
+        self.enabled, self.seed = bool(enabled), int(seed)
         self.unlabelled_as_noisy, self.refresh = bool(unlabelled_as_noisy), bool(refresh)
 
     def __repr__(self) -> str:

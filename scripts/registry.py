@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["METHODS", "NOISE", "PROFILES", "RADIUS_SCALE", "method_configs"]
+_ROOT = Path(__file__).resolve().parent.parent
+
+__all__ = ["METHODS", "NOISE", "PROFILES", "method_configs", "radius_scale"]
 
 # A method is a list of configs merged over configs/train.json (and the data configs).
 METHODS = {
@@ -42,8 +44,16 @@ PROFILES = {
 }
 
 
-# The simulated noise's disk radius is given at full resolution; profiles that zoom slices scale it alike.
-RADIUS_SCALE = {("acdc", "cpu"): 0.5, ("acdc", "collapse"): 0.25}
+
+
+def radius_scale(data: str, profile: str) -> float:
+    """The scale of the simulated noise's disk radius for a data set and profile: the profile's in-plane ``scale``,
+    since the radius is given at full resolution and the noise is drawn on the zoomed slices."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(_ROOT / "configs" / "train.json"), *(str(_ROOT / c) for c in PROFILES[(data, profile)])])
+    return float(parser.get("scale"))
 
 
 def method_configs(method: str) -> list[str] | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from scripts.filtering import CLEANSE, KEEP_MANUAL
+
 __all__ = ["PseudoLabelStore"]
 
 
@@ -89,8 +91,6 @@ class PseudoLabelStore:
         """Record labels a competitor refined outside the cleansing round (Confident Learning, Superpixel-guided):
         Y' becomes ``refined``, the (N,) ``changed`` slices count as cleansed, the others as keeping their manual
         label, and no verdict posterior exists (all 1)."""
-        from scripts.filtering import CLEANSE, KEEP_MANUAL
-
         changed = torch.as_tensor(changed, dtype=torch.bool).cpu()
         if changed.shape != (refined.shape[0],):
             raise ValueError(f"changed must flag each of the {refined.shape[0]} slices, got shape "

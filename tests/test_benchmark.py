@@ -162,3 +162,10 @@ def test_report_without_history_and_labels(tmp_path):
     # no history.csv for the cell: no curve figure, the rest still written
     assert names == ["dice_vs_noise_phantom_dice.png", "results_paper.md"]
     assert write_report(tmp_path, []) == []
+
+
+def test_noise_radius_follows_the_profiles_scale():
+    from scripts.registry import radius_scale
+
+    assert radius_scale("acdc", "cpu") == 0.5 and radius_scale("acdc", "collapse") == 0.25
+    assert radius_scale("acdc", "paper") == 1.0 and radius_scale("phantom", "cpu") == 1.0
