@@ -144,7 +144,8 @@ def write_tables(out: Path, results: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="acdc", choices=sorted({d for d, _ in PROFILES}))
-    parser.add_argument("--dataset_dir", default=None, help="data folder (ACDC layout); default: the phantoms")
+    parser.add_argument("--dataset_dir", default=None,
+                        help="data folder (ACDC layout, flat) or a dataset.json; default: the data config's own")
     parser.add_argument("--profile", default="cpu", choices=sorted({p for _, p in PROFILES}))
     parser.add_argument("--noise", default="clean,a70b10", help=f"comma list of {list(NOISE)}")
     parser.add_argument("--losses", default="dicece", help="comma list of dice,dicece")

@@ -409,6 +409,10 @@ class SliceDataset(Dataset):
         sample.pop("clean_label", None)
         if self.store is not None:
             sample["pseudo"] = self.store.get(sample["id"])[None]
+            # whether the whole manual slice has foreground: after cropping, a background patch of a labelled
+            # slice cannot be told from a patch of a missed one (HybridPrepareBatch(slice_flags=True))
+            label = sample["label"]
+            sample["labelled"] = bool(((label > 0) & (label != IGNORE_INDEX)).any())
         for k in ("label", "pseudo"):
             if k in sample:
                 sample[k] = sample[k].float()

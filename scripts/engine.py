@@ -26,7 +26,16 @@ class HybridPrepareBatch(PrepareBatch):
     Without a ``pseudo`` key (the Baseline, or before any store is attached) this is MONAI's default. Tensors
     are handed on as plain ``torch.Tensor``: a MetaTensor input would route every operation of the network's
     forward and backward through Python-level meta data handling, which training does not need.
+
+    Args:
+        slice_flags: with a pseudo-label, also stack as a third channel whether the sample's whole manual slice has
+            foreground (the ``labelled`` key of :class:`scripts.data.SliceDataset`), constant over the patch. A
+            patch drawn away from the structures of a labelled slice is as empty as a patch of a missed slice; only
+            this flag tells them apart for ``HybridLoss(ignore_empty_manual=True)``.
     """
+
+    def __init__(self, slice_flags: bool = False) -> None:
+        self.slice_flags = bool(slice_flags)
 
     def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
         image, label = (_plain(t) for t in default_prepare_batch(batchdata, device, non_blocking, **kwargs))
@@ -34,7 +43,14 @@ class HybridPrepareBatch(PrepareBatch):
         if pseudo is None:
             return image, label
         pseudo = _plain(pseudo).to(device=device, non_blocking=non_blocking, **kwargs)
-        return image, torch.cat([label, pseudo.to(label.dtype)], dim=1)
+        channels = [label, pseudo.to(label.dtype)]
+        if self.slice_flags:
+            if "labelled" not in batchdata:
+                raise KeyError("HybridPrepareBatch(slice_flags=True) needs a 'labelled' key in the batch, which "
+                               "scripts.data.SliceDataset adds when a pseudo-label store is attached")
+            flags = torch.as_tensor(_plain(batchdata["labelled"]), device=label.device).to(label.dtype)
+            channels.append(flags.reshape(-1, *[1] * (label.ndim - 1)).expand_as(label))
+        return image, torch.cat(channels, dim=1)
 
 
 class AttachHandler:

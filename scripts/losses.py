@@ -117,15 +117,19 @@ class HybridLoss(nn.Module):
     """``λ1·L(ŷ, y) + λ2·L(ŷ, y')`` (Eq. 7), one value per sample.
 
     The target carries the manual label in channel 0 and, when pseudo-labels are in use, the pseudo-label in
-    channel 1 (see :class:`scripts.engine.HybridPrepareBatch`). The weights are set each epoch by
-    :class:`scripts.handlers.HybridLossSchedule`; with a single-channel target the loss is the plain ``L(ŷ, y)``.
+    channel 1 and optionally the slice flag in channel 2 (see :class:`scripts.engine.HybridPrepareBatch`). The
+    weights are set each epoch by :class:`scripts.handlers.HybridLossSchedule`; with a single-channel target the
+    loss is the plain ``L(ŷ, y)``.
 
     Args:
         loss: the per-sample loss ``L``.
-        ignore_empty_manual: a sample whose manual label has no foreground adds nothing to the manual term. A missed
+        ignore_empty_manual: a sample whose manual slice has no foreground adds nothing to the manual term. A missed
             slice looks exactly like that, and under a loss where empty targets carry gradient it pulls the whole
             warm-up towards background; a truly empty slice gets its supervision back through Y' once the filter
-            has called it Clean. Applies only with a pseudo-label channel, i.e. under self-cleansing.
+            has called it Clean. Applies only with a pseudo-label channel, i.e. under self-cleansing. Whether the
+            slice is empty is read from a third target channel, the slice flag of
+            ``HybridPrepareBatch(slice_flags=True)``; without it, from the patch's manual label, which also leaves
+            out the background patches of labelled slices.
         absent_unknown_manual: the manual term treats a class missing from a sample's manual label as unknown
             rather than absent (``SegmentationLoss(absent_unknown=True)``), which extends ``ignore_empty_manual``
             from missed slices to structures an erosion or a careless annotator wiped out. A truly absent class gets
@@ -153,7 +157,9 @@ class HybridLoss(nn.Module):
             term = self.loss(logits, manual, absent_unknown=True) if self.absent_unknown_manual \
                 else self.loss(logits, manual)
             if self.ignore_empty_manual:
-                labelled = ((manual > 0) & (manual != IGNORE_INDEX)).flatten(1).any(1)
+                # the slice's flag when the batch carries it, else the patch's own label
+                region = target[:, 2:3] if target.shape[1] > 2 else manual
+                labelled = ((region > 0) & (region != IGNORE_INDEX)).flatten(1).any(1)
                 term = term * labelled.to(term.dtype)
             total = total + self.lambda1 * term
         if self.lambda2 > 0:

@@ -39,6 +39,9 @@ PROFILES = {
     ("acdc", "cpu"): ["configs/acdc.json", "configs/acdc_cpu.json"],
     ("acdc", "collapse"): ["configs/acdc.json", "configs/acdc_cpu.json", "configs/acdc_collapse.json"],
     ("acdc", "paper"): ["configs/acdc.json"],
+    # left atrium (binary, a third of the slices truly empty): half of the training volumes at half scale, so that
+    # a cell sees about as many slices as the ACDC CPU profile
+    ("la", "cpu"): ["configs/la.json", "configs/la_cpu.json"],
     ("phantom", "cpu"): ["configs/quick.json"],
     ("phantom", "paper"): [],
 }

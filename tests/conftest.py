@@ -99,18 +99,22 @@ def msd_case(index: int, shape=MSD_SHAPE) -> tuple[np.ndarray, np.ndarray]:
     return image, label
 
 
-def write_msd(root: Path, n_cases: int = 5, validation: int = 0) -> Path:
+def write_msd(root: Path, n_cases: int = 5, validation: int = 0, binary: bool = False) -> Path:
     """An MSD task folder: ``imagesTr``, ``labelsTr`` and a ``dataset.json`` with paths relative to it; the last
-    ``validation`` cases go into a ``"validation"`` section."""
+    ``validation`` cases go into a ``"validation"`` section. ``binary`` merges liver and tumour into one target, as
+    in the left-atrium set."""
     root = Path(root)
     entries = []
     for i in range(n_cases):
         image, label = msd_case(i)
+        if binary:
+            label = (label > 0).astype(label.dtype)
         name = f"liver_{i:03d}.nii.gz"
         save_nifti(root / "imagesTr" / name, image.astype(np.int16), MSD_AFFINE)
         save_nifti(root / "labelsTr" / name, label, MSD_AFFINE)
         entries.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-    content = {"name": "tiny liver", "labels": {"0": "background", "1": "liver", "2": "tumour"}}
+    labels = {"0": "background", "1": "target"} if binary else {"0": "background", "1": "liver", "2": "tumour"}
+    content = {"name": "tiny liver", "labels": labels}
     if validation:
         content["training"], content["validation"] = entries[:-validation], entries[-validation:]
     else:

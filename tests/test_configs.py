@@ -21,6 +21,8 @@ SPECIAL = {
     "acdc.json": (["train.json"], "train#trainer"),
     "acdc_cpu.json": (["train.json", "acdc.json"], "train#trainer"),
     "acdc_collapse.json": (["train.json", "acdc.json", "acdc_cpu.json"], "train#trainer"),
+    "la.json": (["train.json"], "train#trainer"),
+    "la_cpu.json": (["train.json", "la.json"], "train#trainer"),
     # the oracle references are built from the true flags of simulated noise
     **{f"variants/oracle_{k}.json": (["train.json", "noise.json"], "train#trainer")
        for k in ("drop_missing", "drop_noisy", "fix_boundary")},
@@ -36,7 +38,15 @@ ALL = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.json") if p.n
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("configs")
     splits = {"train": ["patient001", "patient002"], "val": ["patient003"]}
-    return {"acdc": write_acdc(root / "acdc", n_cases=3, splits=splits), "msd": write_msd(root / "msd", n_cases=3)}
+    return {"acdc": write_acdc(root / "acdc", n_cases=3, splits=splits), "msd": write_msd(root / "msd", n_cases=3),
+            "binary": write_msd(root / "binary", n_cases=3, validation=1, binary=True)}
+
+
+def _dataset(files: list[str], data: dict) -> str:
+    """The test data a config set reads: the liver set for CT, a binary MSD set for the left atrium, else ACDC."""
+    if "ct.json" in files:
+        return str(data["msd"])
+    return str(data["binary"] if "la.json" in files else data["acdc"])
 
 
 def _parser(files: list[str], overrides: dict) -> ConfigParser:
@@ -52,8 +62,7 @@ def test_config_resolves(name, data, tmp_path):
         pytest.skip(NOT_HERE[name])
     base, target = SPECIAL.get(name, (["train.json"], "train#trainer"))
     files = [name] if base is None else [*base, name] if name != "train.json" else ["train.json"]
-    dataset = data["msd"] if name == "ct.json" else data["acdc"]
-    overrides = {"bundle_root": str(tmp_path), "dataset_dir": str(dataset), "device": torch.device("cpu"),
+    overrides = {"bundle_root": str(tmp_path), "dataset_dir": _dataset(files, data), "device": torch.device("cpu"),
                  "output_dir": str(tmp_path / "out"), "ckpt_dir": str(tmp_path / "models"),
                  "slice_size": [32, 32], "patch_size": [24, 24], "resize": [32, 32] if name == "ct.json" else None,
                  "num_workers": 0, **EXTRA.get(name, {})}
@@ -63,11 +72,11 @@ def test_config_resolves(name, data, tmp_path):
     assert parser.get_parsed_content(target) is not None
 
 
-@pytest.mark.parametrize("profile", [["acdc.json", "acdc_cpu.json"], ["ct.json"], ["acdc.json"]])
+@pytest.mark.parametrize("profile", [["acdc.json", "acdc_cpu.json"], ["ct.json"], ["acdc.json"],
+                                     ["la.json", "la_cpu.json"]])
 def test_data_profiles_merge_into_inference(profile, data, tmp_path):
     """A data profile is merged into inference.json exactly as into train.json, and sets the same geometry."""
-    dataset = data["msd"] if profile == ["ct.json"] else data["acdc"]
-    common = {"bundle_root": str(tmp_path), "dataset_dir": str(dataset), "device": torch.device("cpu"),
+    common = {"bundle_root": str(tmp_path), "dataset_dir": _dataset(profile, data), "device": torch.device("cpu"),
               "output_dir": str(tmp_path / "out")}
     infer = _parser(["inference.json", *profile], common)
     train = _parser(["train.json", *profile], common)

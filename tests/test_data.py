@@ -322,6 +322,19 @@ def test_pseudo_label_read_from_store_by_id(acdc_dir):
             assert torch.all(batch["pseudo"][k] == idx)
 
 
+def test_slice_flag_says_whether_the_whole_manual_slice_has_foreground(acdc_dir):
+    ds = SliceDataset(acdc_datalist(str(acdc_dir), "train"), volume_transform=LOAD)
+    labels = ds.labels()
+    labels[1] = 0  # a missed slice
+    ds.set_labels(labels)
+    store = PseudoLabelStore("zeros")
+    store.initialise(ds.labels())
+    ds.store = store
+    flags = [bool(ds[i]["labelled"]) for i in range(len(ds))]
+    assert flags == [bool(lab.any()) for lab in labels]
+    assert not flags[1] and any(flags)
+
+
 # ---------------------------------------------------------------- refuse_existing_outputs
 
 

@@ -133,6 +133,22 @@ def test_hybrid_loss_can_leave_empty_manual_labels_out():
     torch.testing.assert_close(hybrid(logits, manual), on_manual)
 
 
+def test_hybrid_loss_reads_emptiness_from_the_slice_flag():
+    """A background patch of a labelled slice keeps its manual term when the slice flag says the slice is labelled;
+    a patch of a missed slice loses it; without the flag channel both are judged by the patch itself."""
+    manual = torch.zeros(2, 1, 16, 16)  # two background patches: one of a labelled slice, one of a missed slice
+    pseudo = _target(classes=4, seed=1)
+    flags = torch.tensor([1.0, 0.0]).reshape(2, 1, 1, 1).expand_as(manual)
+    logits = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    base = SegmentationLoss("dicece")
+    hybrid = HybridLoss(base, ignore_empty_manual=True)
+    on_manual = base(logits, manual)
+    assert (on_manual > 0).all()
+    torch.testing.assert_close(hybrid(logits, torch.cat([manual, pseudo[:2], flags], 1)),
+                               on_manual * torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(hybrid(logits, torch.cat([manual, pseudo[:2]], 1)), torch.zeros(2))
+
+
 @pytest.mark.parametrize("kind", ["dice", "dicece"])
 def test_absent_unknown_changes_nothing_when_every_class_is_drawn(kind):
     target = _target(classes=4, seed=3)
@@ -419,6 +435,20 @@ def test_prepare_batch_stacks_pseudo_as_channel_1():
     assert torch.equal(x, image)
     assert y.shape == (2, 2, 8, 8) and y.dtype == label.dtype
     assert torch.equal(y[:, 0:1], label) and torch.equal(y[:, 1:2], pseudo)
+
+
+def test_prepare_batch_stacks_the_slice_flag_as_channel_2():
+    image = torch.randn(3, 1, 8, 8)
+    label, pseudo = torch.zeros(3, 1, 8, 8), torch.ones(3, 1, 8, 8)
+    batch = {"image": image, "label": label, "pseudo": pseudo, "labelled": torch.tensor([True, False, True])}
+    _, y = HybridPrepareBatch(slice_flags=True)(batch, torch.device("cpu"))
+    assert y.shape == (3, 3, 8, 8)
+    assert torch.equal(y[:, 2].flatten(1).amax(1), torch.tensor([1.0, 0.0, 1.0]))
+    assert torch.equal(y[:, 2].flatten(1).amin(1), torch.tensor([1.0, 0.0, 1.0]))
+    _, plain = HybridPrepareBatch()(batch, torch.device("cpu"))
+    assert plain.shape == (3, 2, 8, 8)
+    with pytest.raises(KeyError, match="labelled"):
+        HybridPrepareBatch(slice_flags=True)({"image": image, "label": label, "pseudo": pseudo}, torch.device("cpu"))
 
 
 def test_prepare_batch_without_pseudo_is_default():
