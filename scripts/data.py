@@ -23,6 +23,7 @@ from monai.data import Dataset, get_track_meta, set_track_meta
 from monai.transforms import apply_transform
 
 from scripts.ignore_index import IGNORE_INDEX
+from scripts.losses import class_bits
 from scripts.noise import oracle_labels, simulate_label_noise
 from scripts.phantom import METADATA_FILE
 
@@ -409,10 +410,9 @@ class SliceDataset(Dataset):
         sample.pop("clean_label", None)
         if self.store is not None:
             sample["pseudo"] = self.store.get(sample["id"])[None]
-            # whether the whole manual slice has foreground: after cropping, a background patch of a labelled
-            # slice cannot be told from a patch of a missed one (HybridPrepareBatch(slice_flags=True))
-            label = sample["label"]
-            sample["labelled"] = bool(((label > 0) & (label != IGNORE_INDEX)).any())
+            # the classes of the whole manual slice: after cropping, a background patch of a labelled slice cannot
+            # be told from a patch of a missed one (HybridPrepareBatch(slice_flags=True))
+            sample["classes_present"] = class_bits(sample["label"])
         for k in ("label", "pseudo"):
             if k in sample:
                 sample[k] = sample[k].float()

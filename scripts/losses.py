@@ -9,7 +9,7 @@ from torch import nn
 
 from scripts.ignore_index import IGNORE_INDEX
 
-__all__ = ["SegmentationLoss", "HybridLoss", "probabilities", "IGNORE_INDEX"]
+__all__ = ["class_bits", "classes_from_bits", "SegmentationLoss", "HybridLoss", "probabilities", "IGNORE_INDEX"]
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -48,17 +48,20 @@ class SegmentationLoss(nn.Module):
                                     smooth_dr=smooth_dr)
         self.masked_binary_dice = DiceLoss(reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, absent_unknown: bool = False) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, absent_unknown: bool = False,
+                present: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample loss of ``logits`` (B, C, ...) against the class map ``target`` (B, 1, ...).
 
         With ``absent_unknown`` a foreground class that a sample's target does not contain is not taken as absent
         but as unknown: its Dice term is left out and a background pixel may be that class too (its cross-entropy
         is ``-log`` of the summed probability of background and the absent classes). An erosion that wipes out a
         thin structure, or a missed slice, then no longer teaches background where the structure is; an all-
-        background target costs nothing.
+        background target costs nothing. ``present`` (B, C) bool says which classes each sample's whole slice
+        holds (:func:`classes_from_bits`); without it, the classes of the target itself, which for a patch cut
+        from a larger slice also calls the structures outside the patch unknown.
         """
         if absent_unknown:
-            return self._absent_unknown(logits, target)
+            return self._absent_unknown(logits, target, present)
         binary = logits.shape[1] == 1
         ignored = target == self.ignore_index
         if not ignored.any():
@@ -86,16 +89,20 @@ class SegmentationLoss(nn.Module):
             loss = loss + self.ce_weight * ce
         return loss
 
-    def _absent_unknown(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _absent_unknown(self, logits: torch.Tensor, target: torch.Tensor,
+                        present: torch.Tensor | None = None) -> torch.Tensor:
         if logits.shape[1] == 1:
             # one foreground class: absent means an all-background target, which then says nothing
-            labelled = ((target > 0) & (target != self.ignore_index)).flatten(1).any(1)
+            if present is not None:
+                labelled = present[:, 1]
+            else:
+                labelled = ((target > 0) & (target != self.ignore_index)).flatten(1).any(1)
             return self.forward(logits, target) * labelled.to(logits.dtype)
         num_classes = logits.shape[1]
         valid = target != self.ignore_index
         labels = target.masked_fill(~valid, 0)[:, 0].long()
         onehot = F.one_hot(labels, num_classes).movedim(-1, 1).to(logits.dtype) * valid
-        present = onehot.flatten(2).amax(2) > 0  # (B, C)
+        present = (onehot.flatten(2).amax(2) > 0) if present is None else present[:, :num_classes].clone()  # (B, C)
         present[:, 0] = True
         probs = probabilities(logits)
         dice = self.masked_dice(probs * valid, onehot).flatten(2).mean(2)  # (B, C-1)
@@ -113,13 +120,31 @@ class SegmentationLoss(nn.Module):
         return loss
 
 
+def class_bits(label: torch.Tensor) -> int:
+    """The foreground classes a label map holds, as bits: bit ``c - 1`` is set when class ``c`` is present
+    (``IGNORE_INDEX`` is not a class). ``0`` is an empty label. Up to 24 classes, so that the value travels exactly
+    in a float32 target channel (:class:`scripts.engine.HybridPrepareBatch`)."""
+    values = torch.unique(label[(label > 0) & (label != IGNORE_INDEX)]).tolist()
+    if values and max(values) > 24:
+        raise ValueError(f"class_bits covers classes 1 to 24, the label holds class {int(max(values))}")
+    return sum(1 << (int(v) - 1) for v in values)
+
+
+def classes_from_bits(bits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B,) values of :func:`class_bits` to (B, num_classes) bool, column 0 (background) always True."""
+    bits = bits.round().long().reshape(-1, 1)
+    shifts = torch.arange(num_classes - 1, device=bits.device)
+    present = (bits >> shifts) & 1
+    return torch.cat([torch.ones_like(bits, dtype=torch.bool), present.bool()], dim=1)
+
+
 class HybridLoss(nn.Module):
     """``λ1·L(ŷ, y) + λ2·L(ŷ, y')`` (Eq. 7), one value per sample.
 
     The target carries the manual label in channel 0 and, when pseudo-labels are in use, the pseudo-label in
-    channel 1 and optionally the slice flag in channel 2 (see :class:`scripts.engine.HybridPrepareBatch`). The
-    weights are set each epoch by :class:`scripts.handlers.HybridLossSchedule`; with a single-channel target the
-    loss is the plain ``L(ŷ, y)``.
+    channel 1 and optionally the classes of the whole manual slice in channel 2 (see
+    :class:`scripts.engine.HybridPrepareBatch`). The weights are set each epoch by
+    :class:`scripts.handlers.HybridLossSchedule`; with a single-channel target the loss is the plain ``L(ŷ, y)``.
 
     Args:
         loss: the per-sample loss ``L``.
@@ -132,8 +157,9 @@ class HybridLoss(nn.Module):
             out the background patches of labelled slices.
         absent_unknown_manual: the manual term treats a class missing from a sample's manual label as unknown
             rather than absent (``SegmentationLoss(absent_unknown=True)``), which extends ``ignore_empty_manual``
-            from missed slices to structures an erosion or a careless annotator wiped out. A truly absent class gets
-            its supervision back, as above, through Y' once the slice is called Clean. Needs a
+            from missed slices to structures an erosion or a careless annotator wiped out. The classes are those of
+            the whole slice when the third target channel carries them, as for ``ignore_empty_manual``. A truly
+            absent class gets its supervision back, as above, through Y' once the slice is called Clean. Needs a
             :class:`SegmentationLoss`; only with a pseudo-label channel.
     """
 
@@ -154,12 +180,16 @@ class HybridLoss(nn.Module):
         total = torch.zeros(logits.shape[0], device=logits.device, dtype=logits.dtype)
         # a zero weight skips its term: no wasted backward through a branch that cannot contribute
         if self.lambda1 > 0:
-            term = self.loss(logits, manual, absent_unknown=True) if self.absent_unknown_manual \
-                else self.loss(logits, manual)
+            # the classes of the whole slice when the batch carries them, else those of the patch's own label
+            bits = target[:, 2].flatten(1)[:, 0] if target.shape[1] > 2 else None
+            if self.absent_unknown_manual:
+                present = None if bits is None else classes_from_bits(bits, max(2, logits.shape[1]))
+                term = self.loss(logits, manual, absent_unknown=True, present=present)
+            else:
+                term = self.loss(logits, manual)
             if self.ignore_empty_manual:
-                # the slice's flag when the batch carries it, else the patch's own label
-                region = target[:, 2:3] if target.shape[1] > 2 else manual
-                labelled = ((region > 0) & (region != IGNORE_INDEX)).flatten(1).any(1)
+                labelled = bits > 0 if bits is not None else \
+                    ((manual > 0) & (manual != IGNORE_INDEX)).flatten(1).any(1)
                 term = term * labelled.to(term.dtype)
             total = total + self.lambda1 * term
         if self.lambda2 > 0:

@@ -22,7 +22,8 @@ def quality_weights(scores: torch.Tensor, scale: float = 2.0) -> torch.Tensor:
     """Batch weights from quality scores (B,): ``softmax(scale * tanh(scores))`` over the batch.
 
     The weights are positive and sum to one over the batch; ``tanh`` bounds how far one sample can dominate: the
-    largest weight is at most ``exp(2 * scale)`` times the smallest.
+    largest weight is at most ``exp(2 * scale)`` times the smallest. This bound is the paper's overfitting control
+    module, the nonlinearity between the quality score and the softmax.
     """
     if scores.dim() != 1:
         scores = scores.reshape(scores.shape[0])

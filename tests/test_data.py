@@ -322,7 +322,7 @@ def test_pseudo_label_read_from_store_by_id(acdc_dir):
             assert torch.all(batch["pseudo"][k] == idx)
 
 
-def test_slice_flag_says_whether_the_whole_manual_slice_has_foreground(acdc_dir):
+def test_each_sample_carries_the_classes_of_its_whole_manual_slice(acdc_dir):
     ds = SliceDataset(acdc_datalist(str(acdc_dir), "train"), volume_transform=LOAD)
     labels = ds.labels()
     labels[1] = 0  # a missed slice
@@ -330,9 +330,9 @@ def test_slice_flag_says_whether_the_whole_manual_slice_has_foreground(acdc_dir)
     store = PseudoLabelStore("zeros")
     store.initialise(ds.labels())
     ds.store = store
-    flags = [bool(ds[i]["labelled"]) for i in range(len(ds))]
-    assert flags == [bool(lab.any()) for lab in labels]
-    assert not flags[1] and any(flags)
+    bits = [ds[i]["classes_present"] for i in range(len(ds))]
+    assert bits == [sum(1 << (int(c) - 1) for c in lab.unique().tolist() if c > 0) for lab in labels]
+    assert bits[1] == 0 and any(bits)
 
 
 # ---------------------------------------------------------------- refuse_existing_outputs

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from scripts.engine import HybridPrepareBatch
-from scripts.losses import HybridLoss, SegmentationLoss
+from scripts.ignore_index import IGNORE_INDEX
+from scripts.losses import HybridLoss, SegmentationLoss, class_bits, classes_from_bits
 from scripts.metrics import cleansing_quality, label_dice, pooled_dice, supervised_fraction
 from scripts.schedule import hybrid_weights
 from scripts.store import PseudoLabelStore
@@ -133,20 +134,37 @@ def test_hybrid_loss_can_leave_empty_manual_labels_out():
     torch.testing.assert_close(hybrid(logits, manual), on_manual)
 
 
-def test_hybrid_loss_reads_emptiness_from_the_slice_flag():
-    """A background patch of a labelled slice keeps its manual term when the slice flag says the slice is labelled;
-    a patch of a missed slice loses it; without the flag channel both are judged by the patch itself."""
+def test_hybrid_loss_reads_emptiness_from_the_slice_classes():
+    """A background patch of a labelled slice keeps its manual term when the slice's classes say it is labelled;
+    a patch of a missed slice loses it; without the third channel both are judged by the patch itself."""
     manual = torch.zeros(2, 1, 16, 16)  # two background patches: one of a labelled slice, one of a missed slice
     pseudo = _target(classes=4, seed=1)
-    flags = torch.tensor([1.0, 0.0]).reshape(2, 1, 1, 1).expand_as(manual)
+    bits = torch.tensor([0b111, 0.0]).reshape(2, 1, 1, 1).expand_as(manual)
     logits = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
     base = SegmentationLoss("dicece")
     hybrid = HybridLoss(base, ignore_empty_manual=True)
     on_manual = base(logits, manual)
     assert (on_manual > 0).all()
-    torch.testing.assert_close(hybrid(logits, torch.cat([manual, pseudo[:2], flags], 1)),
+    torch.testing.assert_close(hybrid(logits, torch.cat([manual, pseudo[:2], bits], 1)),
                                on_manual * torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(hybrid(logits, torch.cat([manual, pseudo[:2]], 1)), torch.zeros(2))
+
+
+@pytest.mark.parametrize("kind", ["dice", "dicece"])
+def test_absent_unknown_takes_the_slice_classes(kind):
+    """With the slice's classes, a class the slice holds but the patch does not is absent from the patch (the
+    plain loss), and only a class missing from the whole slice is unknown."""
+    target = _target(classes=4, seed=3)
+    target[0][target[0] == 2] = 0  # sample 0's patch lacks class 2
+    logits = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    loss = SegmentationLoss(kind)
+    every_class = torch.ones(3, 4, dtype=torch.bool)
+    torch.testing.assert_close(loss(logits, target, absent_unknown=True, present=every_class), loss(logits, target))
+    from_patch = loss(logits, target, absent_unknown=True)
+    assert from_patch[0] < loss(logits, target)[0]  # class 2 unknown: its Dice term and its CE constraint go
+    without_2 = every_class.clone()
+    without_2[0, 2] = False
+    torch.testing.assert_close(loss(logits, target, absent_unknown=True, present=without_2), from_patch)
 
 
 @pytest.mark.parametrize("kind", ["dice", "dicece"])
@@ -437,18 +455,29 @@ def test_prepare_batch_stacks_pseudo_as_channel_1():
     assert torch.equal(y[:, 0:1], label) and torch.equal(y[:, 1:2], pseudo)
 
 
-def test_prepare_batch_stacks_the_slice_flag_as_channel_2():
+def test_prepare_batch_stacks_the_slice_classes_as_channel_2():
     image = torch.randn(3, 1, 8, 8)
     label, pseudo = torch.zeros(3, 1, 8, 8), torch.ones(3, 1, 8, 8)
-    batch = {"image": image, "label": label, "pseudo": pseudo, "labelled": torch.tensor([True, False, True])}
+    batch = {"image": image, "label": label, "pseudo": pseudo, "classes_present": torch.tensor([5, 0, 7])}
     _, y = HybridPrepareBatch(slice_flags=True)(batch, torch.device("cpu"))
     assert y.shape == (3, 3, 8, 8)
-    assert torch.equal(y[:, 2].flatten(1).amax(1), torch.tensor([1.0, 0.0, 1.0]))
-    assert torch.equal(y[:, 2].flatten(1).amin(1), torch.tensor([1.0, 0.0, 1.0]))
+    assert torch.equal(y[:, 2].flatten(1).amax(1), torch.tensor([5.0, 0.0, 7.0]))
+    assert torch.equal(y[:, 2].flatten(1).amin(1), torch.tensor([5.0, 0.0, 7.0]))
     _, plain = HybridPrepareBatch()(batch, torch.device("cpu"))
     assert plain.shape == (3, 2, 8, 8)
-    with pytest.raises(KeyError, match="labelled"):
+    with pytest.raises(KeyError, match="classes_present"):
         HybridPrepareBatch(slice_flags=True)({"image": image, "label": label, "pseudo": pseudo}, torch.device("cpu"))
+
+
+def test_class_bits_round_trip():
+    label = torch.zeros(6, 6, dtype=torch.uint8)
+    assert class_bits(label) == 0
+    label[0, 0], label[1, 1], label[2, 2] = 1, 3, IGNORE_INDEX
+    assert class_bits(label) == 0b101
+    present = classes_from_bits(torch.tensor([0.0, 5.0, 2.0]), 4)
+    assert present.tolist() == [[True, False, False, False], [True, True, False, True], [True, False, True, False]]
+    with pytest.raises(ValueError, match="24"):
+        class_bits(torch.full((2, 2), 25, dtype=torch.uint8))
 
 
 def test_prepare_batch_without_pseudo_is_default():
