@@ -23,14 +23,15 @@ from monai.data import Dataset, get_track_meta, set_track_meta
 from monai.transforms import apply_transform
 
 from scripts.ignore_index import IGNORE_INDEX
-from scripts.losses import class_bits
+from scripts.losses import ALL_CLASS_BITS, class_bits
 from scripts.noise import oracle_labels, simulate_label_noise
 from scripts.phantom import METADATA_FILE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["acdc_datalist", "msd_datalist", "flat_datalist", "datalist", "dataset_layout", "resolve_dataset",
-           "list_volumes", "check_volumes", "SliceDataset", "check_files", "noise_for_phantoms", "spread_subjects"]
+__all__ = ["empty_end_runs", "acdc_datalist", "msd_datalist", "flat_datalist", "datalist", "dataset_layout",
+           "resolve_dataset", "list_volumes", "check_volumes", "SliceDataset", "check_files", "noise_for_phantoms",
+           "spread_subjects"]
 
 LABEL_SUFFIX = "_gt.nii.gz"
 
@@ -307,6 +308,12 @@ class SliceDataset(Dataset):
             :func:`scripts.noise.oracle_labels`), to measure what a perfect filter or repair would reach.
         track_meta: whether ``transform`` runs with MONAI's meta data tracking (off by default: slices carry their
             identity in plain keys).
+        trusted_empty_run: an empty manual slice in a run of at least this many empty slices that reaches the first
+            or the last slice of its volume is taken as truly empty (:func:`empty_end_runs`); ``None``: no empty
+            slice is. A structure that ends leaves long empty runs at a volume's ends, while a missed annotation
+            is a gap of a slice or two. Each sample carries the classes its manual slice states
+            (``classes_known``, bits of :func:`scripts.losses.class_bits`): those it draws, or every class on a
+            slice taken as truly empty, so that ``HybridLoss(ignore_empty_manual=True)`` keeps its background.
     """
 
     def __init__(
@@ -321,7 +328,11 @@ class SliceDataset(Dataset):
         num_classes: int | None = None,
         track_meta: bool = False,
         oracle: str | None = None,
+        trusted_empty_run: int | None = None,
     ) -> None:
+        if trusted_empty_run is not None and int(trusted_empty_run) < 1:
+            raise ValueError(f"trusted_empty_run must be >= 1 or None, got {trusted_empty_run}")
+        self.trusted_empty_run = None if trusted_empty_run is None else int(trusted_empty_run)
         self.volumes = list(data)
         self.keys = tuple(keys)
         self.volume_transform = volume_transform
@@ -367,6 +378,19 @@ class SliceDataset(Dataset):
             self.set_labels(labels)  # the clean labels kept by the noise step stay as they are
             dropped = int((labels == IGNORE_INDEX).flatten(1).all(1).sum())
             logger.info(f"SliceDataset: oracle '{oracle}' labels, {dropped} slices without supervision")
+        self._judge_empty_slices()
+
+    def _judge_empty_slices(self) -> None:
+        """Which empty manual slices are taken as truly empty (``trusted_empty_run``), logged once per label set."""
+        self.truly_empty = torch.zeros(len(self.data), dtype=torch.bool)
+        if self.trusted_empty_run is None:
+            return
+        sizes = [v["n_slices"] for v in self.volume_info]
+        self.truly_empty = empty_end_runs(self.labels(), sizes, self.trusted_empty_run)
+        empty = int((self.labels().flatten(1).amax(1) == 0).sum())
+        logger.info(f"SliceDataset: {int(self.truly_empty.sum())} of {empty} empty manual slices lie in runs of "
+                    f">= {self.trusted_empty_run} at a volume's end and are taken as truly empty; the other "
+                    f"{empty - int(self.truly_empty.sum())} may be missed annotations")
 
     @staticmethod
     def _load_volume(volume_transform, rec: dict) -> dict:
@@ -398,6 +422,8 @@ class SliceDataset(Dataset):
         for s, lab in zip(self.data, labels):
             s.setdefault("clean_label", s["label"])
             s["label"] = lab[None].to(torch.uint8)
+        if hasattr(self, "truly_empty"):
+            self._judge_empty_slices()
 
     def clean_labels(self) -> torch.Tensor | None:
         """The labels before simulated noise (N, H, W), or ``None`` when no noise was simulated."""
@@ -410,9 +436,10 @@ class SliceDataset(Dataset):
         sample.pop("clean_label", None)
         if self.store is not None:
             sample["pseudo"] = self.store.get(sample["id"])[None]
-            # the classes of the whole manual slice: after cropping, a background patch of a labelled slice cannot
-            # be told from a patch of a missed one (HybridPrepareBatch(slice_flags=True))
-            sample["classes_present"] = class_bits(sample["label"])
+            # the classes the whole manual slice states: after cropping, a background patch of a labelled slice
+            # cannot be told from a patch of a missed one (HybridPrepareBatch(slice_flags=True))
+            known = class_bits(sample["label"])
+            sample["classes_known"] = ALL_CLASS_BITS if known == 0 and self.truly_empty[sample["id"]] else known
         for k in ("label", "pseudo"):
             if k in sample:
                 sample[k] = sample[k].float()
@@ -430,6 +457,30 @@ class SliceDataset(Dataset):
                 return apply_transform(self.transform, sample)
         finally:
             set_track_meta(previous)
+
+
+def empty_end_runs(labels: torch.Tensor, volume_sizes: Sequence[int], min_run: int) -> torch.Tensor:
+    """(N,) bool: the empty label maps that lie in a run of at least ``min_run`` consecutive empty maps reaching
+    the first or the last slice of their volume.
+
+    Args:
+        labels: (N, H, W) label maps, volume after volume, slices in order within a volume.
+        volume_sizes: slices per volume, summing to N.
+        min_run: the shortest run that counts.
+    """
+    if sum(volume_sizes) != labels.shape[0]:
+        raise ValueError(f"volume sizes sum to {sum(volume_sizes)}, but there are {labels.shape[0]} label maps")
+    empty = ((labels > 0) & (labels != IGNORE_INDEX)).flatten(1).any(1).logical_not()
+    out = torch.zeros_like(empty)
+    start = 0
+    for size in volume_sizes:
+        vol = empty[start : start + size]
+        for run in (vol.long().cumprod(0), vol.flip(0).long().cumprod(0).flip(0)):  # runs from either end
+            length = int(run.sum())
+            if length >= min_run:
+                out[start : start + size] |= run.bool()
+        start += size
+    return out
 
 
 def noise_for_phantoms(records: Sequence[dict], noise: dict | None) -> dict | None:

@@ -28,8 +28,8 @@ class HybridPrepareBatch(PrepareBatch):
     forward and backward through Python-level meta data handling, which training does not need.
 
     Args:
-        slice_flags: with a pseudo-label, also stack as a third channel the foreground classes of the sample's
-            whole manual slice, as the bits of :func:`scripts.losses.class_bits` (the ``classes_present`` key of
+        slice_flags: with a pseudo-label, also stack as a third channel the classes the sample's whole manual
+            slice states, as the bits of :func:`scripts.losses.class_bits` (the ``classes_known`` key of
             :class:`scripts.data.SliceDataset`), constant over the patch. A patch drawn away from the structures of
             a labelled slice is as empty as a patch of a missed slice; only this tells them apart for
             ``HybridLoss(ignore_empty_manual=True)`` and ``absent_unknown_manual``.
@@ -46,10 +46,10 @@ class HybridPrepareBatch(PrepareBatch):
         pseudo = _plain(pseudo).to(device=device, non_blocking=non_blocking, **kwargs)
         channels = [label, pseudo.to(label.dtype)]
         if self.slice_flags:
-            if "classes_present" not in batchdata:
-                raise KeyError("HybridPrepareBatch(slice_flags=True) needs a 'classes_present' key in the batch, "
+            if "classes_known" not in batchdata:
+                raise KeyError("HybridPrepareBatch(slice_flags=True) needs a 'classes_known' key in the batch, "
                                "which scripts.data.SliceDataset adds when a pseudo-label store is attached")
-            bits = torch.as_tensor(_plain(batchdata["classes_present"]), device=label.device).to(label.dtype)
+            bits = torch.as_tensor(_plain(batchdata["classes_known"]), device=label.device).to(label.dtype)
             channels.append(bits.reshape(-1, *[1] * (label.ndim - 1)).expand_as(label))
         return image, torch.cat(channels, dim=1)
 

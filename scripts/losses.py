@@ -9,7 +9,8 @@ from torch import nn
 
 from scripts.ignore_index import IGNORE_INDEX
 
-__all__ = ["class_bits", "classes_from_bits", "SegmentationLoss", "HybridLoss", "probabilities", "IGNORE_INDEX"]
+__all__ = ["ALL_CLASS_BITS", "class_bits", "classes_from_bits", "SegmentationLoss", "HybridLoss", "probabilities",
+           "IGNORE_INDEX"]
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -118,6 +119,10 @@ class SegmentationLoss(nn.Module):
             ce = ce.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)
             loss = loss + self.ce_weight * ce
         return loss
+
+
+# every class known: the bits of a slice taken as truly empty (no class present, none unknown)
+ALL_CLASS_BITS = (1 << 24) - 1
 
 
 def class_bits(label: torch.Tensor) -> int:

@@ -14,6 +14,7 @@ from scripts.data import (
     SliceDataset,
     acdc_datalist,
     check_volumes,
+    empty_end_runs,
     datalist,
     dataset_layout,
     list_volumes,
@@ -23,6 +24,7 @@ from scripts.data import (
     resolve_dataset,
     spread_subjects,
 )
+from scripts.losses import ALL_CLASS_BITS
 from scripts.store import PseudoLabelStore
 
 LOAD = Compose([LoadImaged(keys=["image", "label"], image_only=True, ensure_channel_first=True)])
@@ -322,6 +324,39 @@ def test_pseudo_label_read_from_store_by_id(acdc_dir):
             assert torch.all(batch["pseudo"][k] == idx)
 
 
+def test_empty_end_runs():
+    labels = torch.zeros(11, 2, 2, dtype=torch.uint8)
+    labels[[2, 4, 5, 8], 0, 0] = 1  # volume 1: slices 0-6, empty 0, 1, 3, 6; volume 2: slices 7-10, empty 7, 9, 10
+    got = empty_end_runs(labels, [7, 4], min_run=2)
+    # runs of two or more from an end: 0-1 (volume 1) and 9-10 (volume 2); 3 is a gap, 6 and 7 runs of one
+    assert got.nonzero().flatten().tolist() == [0, 1, 9, 10]
+    assert empty_end_runs(labels, [7, 4], min_run=1).nonzero().flatten().tolist() == [0, 1, 6, 7, 9, 10]
+    assert not empty_end_runs(torch.zeros(3, 2, 2, dtype=torch.uint8), [3], min_run=4).any()
+    with pytest.raises(ValueError, match="sum"):
+        empty_end_runs(labels, [7, 3], min_run=2)
+
+
+def test_truly_empty_slices_state_every_class(acdc_dir):
+    """A slice in a long empty run at a volume's end states every class (its background is real); an empty slice
+    inside the volume states none (it may be missed)."""
+    records = acdc_datalist(str(acdc_dir), "train")
+    ds = SliceDataset(records, volume_transform=LOAD, trusted_empty_run=2)
+    first = ds.volume_info[0]
+    labels = ds.labels()
+    labels[first["first_id"] : first["first_id"] + 2] = 0  # the first two slices of volume 1: a run at its end
+    labels[first["first_id"] + 3] = 0  # a gap inside it
+    ds.set_labels(labels)
+    store = PseudoLabelStore("zeros")
+    store.initialise(ds.labels())
+    ds.store = store
+    ids = first["first_id"] + torch.arange(4)
+    assert [ds[int(i)]["classes_known"] for i in ids][:2] == [ALL_CLASS_BITS, ALL_CLASS_BITS]
+    assert ds[int(ids[3])]["classes_known"] == 0
+    assert ds[int(ids[2])]["classes_known"] not in (0, ALL_CLASS_BITS)
+    with pytest.raises(ValueError, match="trusted_empty_run"):
+        SliceDataset(records, volume_transform=LOAD, trusted_empty_run=0)
+
+
 def test_each_sample_carries_the_classes_of_its_whole_manual_slice(acdc_dir):
     ds = SliceDataset(acdc_datalist(str(acdc_dir), "train"), volume_transform=LOAD)
     labels = ds.labels()
@@ -330,7 +365,7 @@ def test_each_sample_carries_the_classes_of_its_whole_manual_slice(acdc_dir):
     store = PseudoLabelStore("zeros")
     store.initialise(ds.labels())
     ds.store = store
-    bits = [ds[i]["classes_present"] for i in range(len(ds))]
+    bits = [ds[i]["classes_known"] for i in range(len(ds))]
     assert bits == [sum(1 << (int(c) - 1) for c in lab.unique().tolist() if c > 0) for lab in labels]
     assert bits[1] == 0 and any(bits)
 

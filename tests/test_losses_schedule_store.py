@@ -458,14 +458,14 @@ def test_prepare_batch_stacks_pseudo_as_channel_1():
 def test_prepare_batch_stacks_the_slice_classes_as_channel_2():
     image = torch.randn(3, 1, 8, 8)
     label, pseudo = torch.zeros(3, 1, 8, 8), torch.ones(3, 1, 8, 8)
-    batch = {"image": image, "label": label, "pseudo": pseudo, "classes_present": torch.tensor([5, 0, 7])}
+    batch = {"image": image, "label": label, "pseudo": pseudo, "classes_known": torch.tensor([5, 0, 7])}
     _, y = HybridPrepareBatch(slice_flags=True)(batch, torch.device("cpu"))
     assert y.shape == (3, 3, 8, 8)
     assert torch.equal(y[:, 2].flatten(1).amax(1), torch.tensor([5.0, 0.0, 7.0]))
     assert torch.equal(y[:, 2].flatten(1).amin(1), torch.tensor([5.0, 0.0, 7.0]))
     _, plain = HybridPrepareBatch()(batch, torch.device("cpu"))
     assert plain.shape == (3, 2, 8, 8)
-    with pytest.raises(KeyError, match="classes_present"):
+    with pytest.raises(KeyError, match="classes_known"):
         HybridPrepareBatch(slice_flags=True)({"image": image, "label": label, "pseudo": pseudo}, torch.device("cpu"))
 
 
