@@ -33,14 +33,20 @@ class SegmentationLoss(nn.Module):
             prediction costs about 0.
         ignore_index: target value of pixels that carry no supervision (pseudo-labels mark contested pixels so);
             they are left out of both the Dice and the cross-entropy term.
+        absent_agreement: a foreground class that neither the target nor the prediction's arg-max holds costs 0 in
+            the Dice term, instead of the soft Dice's value near 1 (the summed small probabilities of a large slice
+            outweigh the smoothing). For judging labels (the label filter), not for training: an empty label the
+            network agrees with then scores as a match, and only one it contradicts scores as a miss. No gradient
+            flows through the arg-max.
     """
 
     def __init__(self, kind: str = "dice", ce_weight: float = 1.0, smooth_nr: float = 1e-5,
-                 smooth_dr: float = 1e-5, ignore_index: int = IGNORE_INDEX) -> None:
+                 smooth_dr: float = 1e-5, ignore_index: int = IGNORE_INDEX, absent_agreement: bool = False) -> None:
         super().__init__()
         if kind not in ("dice", "dicece"):
             raise ValueError(f"unknown loss kind '{kind}': use 'dice' or 'dicece'")
         self.kind, self.ce_weight, self.ignore_index = kind, ce_weight, ignore_index
+        self.absent_agreement = bool(absent_agreement)
         self.binary_dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr)
         self.multi_dice = DiceLoss(softmax=True, to_onehot_y=True, include_background=False, reduction="none",
                                    smooth_nr=smooth_nr, smooth_dr=smooth_dr)
@@ -77,6 +83,8 @@ class SegmentationLoss(nn.Module):
             else:
                 onehot = F.one_hot(target[:, 0].long(), logits.shape[1]).movedim(-1, 1).to(probs.dtype)
                 dice = self.masked_dice(probs * valid, onehot * valid)
+        if self.absent_agreement:
+            dice = dice.flatten(2).mean(2) * self._contested(logits, target, valid)
         loss = dice.flatten(1).mean(1)
         if self.kind == "dicece":
             if binary:
@@ -89,6 +97,19 @@ class SegmentationLoss(nn.Module):
                 ce = (ce * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)
             loss = loss + self.ce_weight * ce
         return loss
+
+    def _contested(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """(B, C') float: 0 for each Dice class that neither the (supervised) target nor the arg-max holds, else 1."""
+        mask = torch.ones_like(target, dtype=torch.bool) if valid is None else valid.bool()
+        if logits.shape[1] == 1:
+            predicted = ((logits > 0) & mask).flatten(1).any(1, keepdim=True)
+            drawn = ((target > 0) & mask).flatten(1).any(1, keepdim=True)
+            return (predicted | drawn).to(logits.dtype)
+        classes = torch.arange(1, logits.shape[1], device=logits.device).view(1, -1, *[1] * (target.ndim - 2))
+        pred = logits.argmax(1, keepdim=True)
+        predicted = ((pred == classes) & mask).flatten(2).any(2)
+        drawn = ((target == classes) & mask).flatten(2).any(2)
+        return (predicted | drawn).to(logits.dtype)
 
     def _absent_unknown(self, logits: torch.Tensor, target: torch.Tensor,
                         present: torch.Tensor | None = None) -> torch.Tensor:

@@ -151,6 +151,28 @@ def test_hybrid_loss_reads_emptiness_from_the_slice_classes():
 
 
 @pytest.mark.parametrize("kind", ["dice", "dicece"])
+def test_absent_agreement_scores_an_agreed_empty_label_as_a_match(kind):
+    """An empty label the network agrees with costs about 1 in plain soft Dice but 0 with ``absent_agreement``;
+    an empty label the network contradicts, and a drawn class it misses, keep their Dice term."""
+    target = torch.zeros(3, 1, 16, 16)
+    target[2, 0, 4:8, 4:8] = 2  # sample 2 draws class 2, which the network misses
+    logits = torch.zeros(3, 4, 16, 16)
+    logits[:, 0] = 5.0  # confident background everywhere ...
+    logits[1, 1, 2:6, 2:6] = 10.0  # ... except a class-1 blob in sample 1, whose label is empty
+    plain, agreed = SegmentationLoss(kind), SegmentationLoss(kind, absent_agreement=True)
+    assert plain(logits, target)[0] > 0.9 and agreed(logits, target)[0] < 0.05
+    dice_plain = SegmentationLoss("dice")(logits, target)
+    dice_agreed = SegmentationLoss("dice", absent_agreement=True)(logits, target)
+    # sample 1: only class 1 is contested, so one of three class terms remains
+    torch.testing.assert_close(dice_agreed[1], dice_plain[1] / 3, atol=0.01, rtol=0)
+    torch.testing.assert_close(dice_agreed[2], dice_plain[2] / 3, atol=0.01, rtol=0)
+    binary = torch.full((2, 1, 8, 8), -5.0)
+    binary[1, 0, :2, :2] = 5.0
+    got = SegmentationLoss("dice", absent_agreement=True)(binary, torch.zeros(2, 1, 8, 8))
+    assert got[0] == 0 and got[1] > 0.9
+
+
+@pytest.mark.parametrize("kind", ["dice", "dicece"])
 def test_absent_unknown_takes_the_slice_classes(kind):
     """With the slice's classes, a class the slice holds but the patch does not is absent from the patch (the
     plain loss), and only a class missing from the whole slice is unknown."""
