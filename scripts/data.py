@@ -378,19 +378,21 @@ class SliceDataset(Dataset):
             self.set_labels(labels)  # the clean labels kept by the noise step stay as they are
             dropped = int((labels == IGNORE_INDEX).flatten(1).all(1).sum())
             logger.info(f"SliceDataset: oracle '{oracle}' labels, {dropped} slices without supervision")
-        self._judge_empty_slices()
+        self._index_label_classes()
 
-    def _judge_empty_slices(self) -> None:
-        """Which empty manual slices are taken as truly empty (``trusted_empty_run``), logged once per label set."""
-        self.truly_empty = torch.zeros(len(self.data), dtype=torch.bool)
+    def _index_label_classes(self) -> None:
+        """The classes each manual slice states (``classes_known``), once per label set rather than per read: the
+        classes it draws, or every class on a slice taken as truly empty (``trusted_empty_run``), logged."""
+        labels = self.labels()
+        self.classes_known = torch.tensor([class_bits(lab) for lab in labels], dtype=torch.long)
         if self.trusted_empty_run is None:
             return
-        sizes = [v["n_slices"] for v in self.volume_info]
-        self.truly_empty = empty_end_runs(self.labels(), sizes, self.trusted_empty_run)
-        empty = int((self.labels().flatten(1).amax(1) == 0).sum())
-        logger.info(f"SliceDataset: {int(self.truly_empty.sum())} of {empty} empty manual slices lie in runs of "
-                    f">= {self.trusted_empty_run} at a volume's end and are taken as truly empty; the other "
-                    f"{empty - int(self.truly_empty.sum())} may be missed annotations")
+        truly_empty = empty_end_runs(labels, [v["n_slices"] for v in self.volume_info], self.trusted_empty_run)
+        self.classes_known[truly_empty] = ALL_CLASS_BITS
+        empty, taken = int((labels.flatten(1).amax(1) == 0).sum()), int(truly_empty.sum())
+        logger.info(f"SliceDataset: {taken} of {empty} empty manual slices lie in runs of >= {self.trusted_empty_run} "
+                    f"at a volume's end and are taken as truly empty; the other {empty - taken} may be missed "
+                    "annotations")
 
     @staticmethod
     def _load_volume(volume_transform, rec: dict) -> dict:
@@ -422,8 +424,8 @@ class SliceDataset(Dataset):
         for s, lab in zip(self.data, labels):
             s.setdefault("clean_label", s["label"])
             s["label"] = lab[None].to(torch.uint8)
-        if hasattr(self, "truly_empty"):
-            self._judge_empty_slices()
+        if hasattr(self, "classes_known"):
+            self._index_label_classes()
 
     def clean_labels(self) -> torch.Tensor | None:
         """The labels before simulated noise (N, H, W), or ``None`` when no noise was simulated."""
@@ -438,8 +440,7 @@ class SliceDataset(Dataset):
             sample["pseudo"] = self.store.get(sample["id"])[None]
             # the classes the whole manual slice states: after cropping, a background patch of a labelled slice
             # cannot be told from a patch of a missed one (HybridPrepareBatch(slice_flags=True))
-            known = class_bits(sample["label"])
-            sample["classes_known"] = ALL_CLASS_BITS if known == 0 and self.truly_empty[sample["id"]] else known
+            sample["classes_known"] = int(self.classes_known[sample["id"]])
         for k in ("label", "pseudo"):
             if k in sample:
                 sample[k] = sample[k].float()
