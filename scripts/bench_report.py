@@ -24,6 +24,9 @@ METHOD_LABELS = {
     "confident_learning": "CL",
     "jocor": "JoCoR",
     "superpixel": "SP",
+    "pick_and_learn_dice": "PL (soft Dice)",
+    "jocor_train_loss": "JoCoR (train loss)",
+    "superpixel_train_loss": "SP (train loss)",
     "self_cleansing": "Ours (bundle default)",
     "self_cleansing_paper": "Ours (paper recipe)",
     "ablation_lcm": "Baseline+LCM",
@@ -48,7 +51,8 @@ PAPER_TABLE3 = {
                "jocor": (65.05, 32.79), "superpixel": (62.58, 55.94), "ours": (75.14, 70.48)},
 }
 # the paper's "Ours" is its recipe; the bundle's default is compared with the same row
-PAPER_KEY = {"self_cleansing": "ours", "self_cleansing_paper": "ours"}
+PAPER_KEY = {"self_cleansing": "ours", "self_cleansing_paper": "ours", "pick_and_learn_dice": "pick_and_learn",
+             "jocor_train_loss": "jocor", "superpixel_train_loss": "superpixel"}
 # Table 4's rows, in its order: the full method is the paper recipe (LCM + LFM)
 ABLATION_ROWS = [("baseline", "Baseline"), ("ablation_lcm", "Baseline+LCM"),
                  ("ablation_lcm_pred", "Baseline+LCM (pred)"), ("ablation_lcm_avg", "Baseline+LCM (avg)"),

@@ -94,13 +94,19 @@ class JoCoRLoss(nn.Module):
     Args:
         co_lambda: λ, the weight of the agreement (symmetric KL) term.
         label_channel: target channel holding the label to learn from.
+        supervised_loss: ``None`` for the published objective (cross-entropy in the joint loss). A per-sample
+            segmentation loss (the Baseline's ``train_loss``) replaces the cross-entropy term by that loss of each
+            network on the selected pixels (the others are ignored), ``(1 - λ)(L1 + L2) + λ · mean KL``; the
+            selection still ranks the joint per-pixel loss, which is what JoCoR selects on.
     """
 
-    def __init__(self, co_lambda: float = 0.65, label_channel: int = 0) -> None:
+    def __init__(self, co_lambda: float = 0.65, label_channel: int = 0,
+                 supervised_loss: nn.Module | None = None) -> None:
         super().__init__()
         if not 0.0 <= co_lambda <= 1.0:
             raise ValueError(f"co_lambda must lie in [0, 1], got {co_lambda}")
         self.co_lambda, self.label_channel = float(co_lambda), int(label_channel)
+        self.supervised_loss = supervised_loss
         self.forget_rate = (0.0, 0.0)
         # the "auto" noise estimate (background, foreground) of ForgetRateSchedule; a buffer, so it is saved with
         # the loss's state_dict
@@ -132,8 +138,16 @@ class JoCoRLoss(nn.Module):
                 self.counts[g, 1] += float((wrong & group).sum())
         self.last_mask = mask
         b = pixel.shape[0]
-        per_sample = (pixel * mask).flatten(1).sum(1)
-        return per_sample * b / mask.sum().clamp_min(1)
+        if self.supervised_loss is None:
+            per_sample = (pixel * mask).flatten(1).sum(1)
+            return per_sample * b / mask.sum().clamp_min(1)
+        # the agreement term over the selected pixels, as in the published loss; the supervised term is the given
+        # loss of each network on the selected pixels only
+        kl = joint_pixel_loss(logits1, logits2, torch.full_like(label, IGNORE_INDEX), 1.0)
+        agreement = (kl * mask).flatten(1).sum(1) * b / mask.sum().clamp_min(1)
+        selected = label.masked_fill(~mask, IGNORE_INDEX)[:, None].to(logits1.dtype)
+        supervised = self.supervised_loss(logits1, selected) + self.supervised_loss(logits2, selected)
+        return (1 - self.co_lambda) * supervised + self.co_lambda * agreement
 
 
 class ForgetRateSchedule:

@@ -17,9 +17,15 @@ METHODS = {
     "self_cleansing_paper": ["configs/paper.json"],
     # the paper's competitors (docs/competitors.md)
     "pick_and_learn": ["configs/methods/pick_and_learn.json"],
+    # with the loss Zhu et al. weight (per-sample soft Dice) whatever the table's loss
+    "pick_and_learn_dice": ["configs/methods/pick_and_learn.json", "configs/methods/pick_and_learn_dice.json"],
     "confident_learning": ["configs/methods/confident_learning.json"],
     "jocor": ["configs/methods/jocor.json"],
     "superpixel": ["configs/methods/superpixel.json"],
+    # the same two with the Baseline's loss (train_loss) on the selected pixels in place of the published
+    # cross-entropy term (docs/competitors.md)
+    "jocor_train_loss": ["configs/methods/jocor.json", "configs/methods/train_loss_supervision.json"],
+    "superpixel_train_loss": ["configs/methods/superpixel.json", "configs/methods/train_loss_supervision.json"],
     # an outside peer: cleanlab's segmentation filter, flagged pixels left out of the loss
     "cleanlab": ["configs/methods/cleanlab.json"],
     # Table 4: LCM without LFM (the paper's grid prototypes, the prediction, one averaged prototype); the full

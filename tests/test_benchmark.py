@@ -30,6 +30,18 @@ def test_every_registered_method_has_its_configs():
         assert parser["self_cleansing"] is False  # a competitor replaces self-cleansing, it does not add to it
 
 
+@pytest.mark.parametrize("method, loss, inner", [("jocor_train_loss", "JoCoRLoss", "supervised_loss"),
+                                               ("superpixel_train_loss", "SuperpixelJoCoRLoss", "supervised_loss"),
+                                               ("pick_and_learn_dice", "PickAndLearnLoss", "loss")])
+def test_loss_variants_of_the_competitors(method, loss, inner):
+    parser = _parser(["configs/quick.json", *benchmark.METHODS[method]])
+    parser["train_loss#kind"] = "dicece"
+    built = parser.get_parsed_content("loss")
+    assert type(built).__name__ == loss and parser["self_cleansing"] is False
+    # the co-training methods take the table's loss, Pick-and-Learn the soft Dice of its paper whatever the table's
+    assert getattr(built, inner).kind == ("dice" if method == "pick_and_learn_dice" else "dicece")
+
+
 @pytest.mark.parametrize("method, source", [("ablation_lcm", "GridPrototypes"),
                                             ("ablation_lcm_pred", "Prediction"),
                                             ("ablation_lcm_avg", "AveragedPrototype")])

@@ -322,3 +322,24 @@ def test_superpixel_selection_keeps_or_drops_whole_superpixels():
     whole = [bool(mask[seg[0] == s].all()) or not bool(mask[seg[0] == s].any()) for s in seg[0].unique()]
     assert sum(whole) >= len(whole) - 1  # only the superpixel at the cut may be split
     assert int(mask.sum()) == round(0.7 * 32 * 32)
+
+
+def test_jocor_with_the_baseline_loss_supervises_only_the_selected_pixels():
+    torch.manual_seed(0)
+    seg = SegmentationLoss("dicece")
+    loss = JoCoRLoss(co_lambda=0.4, supervised_loss=seg)
+    l1 = torch.randn(2, 4, 8, 8, requires_grad=True)
+    l2 = torch.randn(2, 4, 8, 8)
+    target = torch.randint(0, 4, (2, 1, 8, 8)).float()
+    # nothing forgotten: the Baseline's loss of each network plus the mean agreement term
+    out = loss(torch.cat([l1, l2], 1), target)
+    kl = joint_pixel_loss(l1, l2, torch.full((2, 8, 8), IGNORE_INDEX), 1.0)
+    expected = 0.6 * (seg(l1, target) + seg(l2, target)) + 0.4 * kl.flatten(1).mean(1)
+    assert torch.allclose(out, expected, atol=1e-5)
+    # with pixels forgotten, those pixels get no gradient at all, the kept ones do
+    loss.forget_rate = (0.5, 0.5)
+    out = loss(torch.cat([l1, l2], 1), target)
+    (grad,) = torch.autograd.grad(out.sum(), l1)
+    dropped = ~loss.last_mask
+    assert dropped.any() and grad.abs().sum(1)[dropped].max() == 0
+    assert grad.abs().sum(1)[loss.last_mask].min() > 0
