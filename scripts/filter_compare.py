@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="acdc", choices=sorted({d for d, _ in PROFILES}))
     parser.add_argument("--profile", default="cpu", choices=sorted({p for _, p in PROFILES}))
     parser.add_argument("--teacher_epochs", type=int, default=None,
-                        help="epochs per teacher (default: half the run's epochs, as Confident Learning)")
+                        help="epochs per teacher (default: the run's epochs, as Confident Learning's config)")
     parser.add_argument("--out", default=None, help="CSV to write the rows to")
     args = parser.parse_args(argv)
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     seed = int(overrides.get("seed", 0))
     torch.manual_seed(seed)
     network = bundle.get_parsed_content("network_def")
-    epochs = args.teacher_epochs or max(1, int(bundle.get_parsed_content("epochs")) // 2)
+    epochs = args.teacher_epochs or int(bundle.get_parsed_content("epochs"))
     phase = ConfidentLearningPhase(network, dataset, PseudoLabelStore(), bundle.get_parsed_content("train_loss"),
                                    teacher_epochs=epochs, seed=seed)
     dataset.store = None
