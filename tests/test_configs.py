@@ -23,6 +23,9 @@ SPECIAL = {
     "acdc_collapse.json": (["train.json", "acdc.json", "acdc_cpu.json"], "train#trainer"),
     "la.json": (["train.json"], "train#trainer"),
     "la_cpu.json": (["train.json", "la.json"], "train#trainer"),
+    # overlays of a competitor's config
+    "methods/train_loss_supervision.json": (["train.json", "methods/jocor.json"], "train#trainer"),
+    "methods/pick_and_learn_dice.json": (["train.json", "methods/pick_and_learn.json"], "train#trainer"),
     # the oracle references are built from the true flags of simulated noise
     **{f"variants/oracle_{k}.json": (["train.json", "noise.json"], "train#trainer")
        for k in ("drop_missing", "drop_noisy", "fix_boundary")},
