@@ -48,8 +48,8 @@ def joint_pixel_loss(logits1: torch.Tensor, logits2: torch.Tensor, target: torch
     return (1 - co_lambda) * ce + co_lambda * sym_kl
 
 
-def small_loss_mask(scores: torch.Tensor, label: torch.Tensor, forget_rate, valid: torch.Tensor | None = None
-                    ) -> torch.Tensor:
+def small_loss_mask(scores: torch.Tensor, label: torch.Tensor, forget_rate, valid: torch.Tensor | None = None,
+                    per_class: bool = False) -> torch.Tensor:
     """Keep, among the valid pixels of each group, the ``round((1 - rate) · n)`` with the smallest scores.
 
     Args:
@@ -57,6 +57,9 @@ def small_loss_mask(scores: torch.Tensor, label: torch.Tensor, forget_rate, vali
         label: (B, H, W) class indices; the groups are background (0) and foreground (> 0).
         forget_rate: one rate for both groups, or ``(background, foreground)``.
         valid: pixels that may be selected at all (default: all).
+        per_class: every foreground class is a group of its own, at the foreground rate. The published recipes
+            are binary, where foreground is one class; with several, one shared foreground group lets the hardest
+            class (a thin structure whose pixels all have high loss early on) be forgotten as a whole.
     Returns:
         a boolean mask (B, H, W). Ties at the cut are broken by position, so the count is exact.
     """
@@ -66,7 +69,12 @@ def small_loss_mask(scores: torch.Tensor, label: torch.Tensor, forget_rate, vali
     valid = torch.ones_like(label, dtype=torch.bool) if valid is None else valid
     keep = torch.zeros(label.numel(), dtype=torch.bool, device=label.device)
     flat_scores, flat_label, flat_valid = scores.reshape(-1), label.reshape(-1), valid.reshape(-1)
-    for group, rate in zip((flat_label == 0, flat_label > 0), rates):
+    groups = [(flat_label == 0, rates[0])]
+    if per_class:
+        groups += [(flat_label == c, rates[1]) for c in torch.unique(flat_label[flat_valid]).tolist() if c > 0]
+    else:
+        groups.append((flat_label > 0, rates[1]))
+    for group, rate in groups:
         idx = torch.nonzero(group & flat_valid).flatten()
         n_keep = int(round((1.0 - rate) * idx.numel()))
         if n_keep == 0:
@@ -94,6 +102,8 @@ class JoCoRLoss(nn.Module):
     Args:
         co_lambda: λ, the weight of the agreement (symmetric KL) term.
         label_channel: target channel holding the label to learn from.
+        per_class: small-loss selection within each foreground class instead of over all foreground pixels
+            (:func:`small_loss_mask`).
         supervised_loss: ``None`` for the published objective (cross-entropy in the joint loss). A per-sample
             segmentation loss (the Baseline's ``train_loss``) replaces the cross-entropy term by that loss of each
             network on the selected pixels (the others are ignored), ``(1 - λ)(L1 + L2) + λ · mean KL``; the
@@ -101,12 +111,12 @@ class JoCoRLoss(nn.Module):
     """
 
     def __init__(self, co_lambda: float = 0.65, label_channel: int = 0,
-                 supervised_loss: nn.Module | None = None) -> None:
+                 supervised_loss: nn.Module | None = None, per_class: bool = False) -> None:
         super().__init__()
         if not 0.0 <= co_lambda <= 1.0:
             raise ValueError(f"co_lambda must lie in [0, 1], got {co_lambda}")
         self.co_lambda, self.label_channel = float(co_lambda), int(label_channel)
-        self.supervised_loss = supervised_loss
+        self.supervised_loss, self.per_class = supervised_loss, bool(per_class)
         self.forget_rate = (0.0, 0.0)
         # the "auto" noise estimate (background, foreground) of ForgetRateSchedule; a buffer, so it is saved with
         # the loss's state_dict
@@ -130,7 +140,8 @@ class JoCoRLoss(nn.Module):
         pixel = joint_pixel_loss(logits1, logits2, label, self.co_lambda)
         valid = label != IGNORE_INDEX
         with torch.no_grad():
-            mask = small_loss_mask(self.selection_scores(pixel.detach(), target), label, self.forget_rate, valid)
+            mask = small_loss_mask(self.selection_scores(pixel.detach(), target), label, self.forget_rate, valid,
+                                   self.per_class)
             probs = (torch.softmax(_as_classes(logits1.float()), 1) + torch.softmax(_as_classes(logits2.float()), 1))
             wrong = (probs.argmax(1) != label) & valid
             for g, group in enumerate((label == 0, (label > 0) & valid)):

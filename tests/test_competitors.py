@@ -343,3 +343,20 @@ def test_jocor_with_the_baseline_loss_supervises_only_the_selected_pixels():
     dropped = ~loss.last_mask
     assert dropped.any() and grad.abs().sum(1)[dropped].max() == 0
     assert grad.abs().sum(1)[loss.last_mask].min() > 0
+
+
+def test_per_class_selection_keeps_the_hardest_class():
+    # foreground: six pixels of class 1 with small losses, three of class 2 with the largest
+    label = torch.tensor([[[0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2]]])
+    scores = torch.tensor([[[0.1, 0.2, 0.1, 0.1, 0.2, 0.2, 0.3, 0.3, 0.9, 0.8, 0.7]]])
+    shared = small_loss_mask(scores, label, (0.0, 1 / 3))
+    assert not shared[label == 2].any()  # one foreground group: the hard class is forgotten whole
+    per_class = small_loss_mask(scores, label, (0.0, 1 / 3), per_class=True)
+    assert int(per_class[label == 2].sum()) == 2 and int(per_class[label == 1].sum()) == 4
+    assert per_class[label == 0].all()
+    # the loss passes the option through
+    loss = JoCoRLoss(per_class=True)
+    loss.forget_rate = (0.0, 1 / 3)
+    logits = torch.zeros(1, 6, 1, 11)
+    loss(logits, label[:, None].float())
+    assert loss.last_mask.shape == (1, 1, 11) and int(loss.last_mask.sum()) == 2 + 4 + 2
