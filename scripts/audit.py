@@ -27,6 +27,7 @@ from monai.transforms import allow_missing_keys_mode
 
 from scripts.geometry import load_weights
 from scripts.handlers import CleansingRound, SelfCleansing
+from scripts.metrics import noisy_slices
 from scripts.store import PseudoLabelStore
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def run_audit(network: torch.nn.Module, dataset, checkpoint: str, output_dir: st
     cleansing.cleanse(rnd)
     manual = dataset.labels()
     clean = dataset.clean_labels() if hasattr(dataset, "clean_labels") else None
-    true_noisy = (manual != clean).flatten(1).any(1) if clean is not None else None
+    true_noisy = noisy_slices(manual, clean) if clean is not None else None
     verdict_clean = rnd.manual_filter.clean
 
     rows = []

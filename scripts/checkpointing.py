@@ -15,7 +15,18 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 
-__all__ = ["RandomStates", "BestModelState", "TrainingState", "ModuleState"]
+__all__ = ["RandomStates", "BestModelState", "TrainingState", "ModuleState", "latest_checkpoint"]
+
+
+def latest_checkpoint(save_dir: str, prefix: str = "state") -> str | None:
+    """The ``<prefix>_<epoch>.pt`` file of ``save_dir`` with the highest epoch, or ``None``."""
+    files = glob.glob(os.path.join(save_dir, f"{prefix}_*.pt"))
+
+    def epoch(path):
+        m = re.search(r"_(\d+)\.pt$", path)
+        return int(m.group(1)) if m else -1
+
+    return max(files, key=epoch) if files else None
 
 
 def _randomizables(transform) -> list:
@@ -111,14 +122,7 @@ class TrainingState:
         self.logger = logging.getLogger(self.__class__.__name__)
 
     def latest(self) -> str | None:
-
-        files = glob.glob(os.path.join(self.save_dir, f"{self.prefix}_*.pt"))
-
-        def epoch(path):
-            m = re.search(r"_(\d+)\.pt$", path)
-            return int(m.group(1)) if m else -1
-
-        return max(files, key=epoch) if files else None
+        return latest_checkpoint(self.save_dir, self.prefix)
 
     def attach(self, engine: Engine) -> None:
         objects = {**self.save_dict, "trainer": engine, "rng": RandomStates(self.transform)}

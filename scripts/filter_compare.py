@@ -25,12 +25,14 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from scripts.bench_common import parse_bundle
+from scripts.checkpointing import latest_checkpoint
 from scripts.confident_learning import ConfidentLearningPhase, slice_quality_scores
 from scripts.filtering import KEEP_MANUAL, filter_precision_recall
+from scripts.metrics import noisy_slices
 from scripts.registry import PROFILES
 from scripts.store import PseudoLabelStore
 
-__all__ = ["flag_lowest", "compare_rankings", "last_state_checkpoint"]
+__all__ = ["flag_lowest", "compare_rankings"]
 
 
 def flag_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -58,13 +60,6 @@ def compare_rankings(true_noisy: torch.Tensor, gmm_noisy: torch.Tensor, gmm_clea
     return rows
 
 
-def last_state_checkpoint(cell: Path) -> Path:
-    found = sorted(cell.glob("state_checkpoint_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
-    if not found:
-        raise FileNotFoundError(f"{cell}: no state_checkpoint_*.pt (is it a finished self-cleansing cell?)")
-    return found[-1]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cell", required=True, help="a finished self-cleansing cell folder of the benchmark")
@@ -85,9 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     bundle = parse_bundle(["configs/train.json", *PROFILES[(args.data, args.profile)]], overrides)
     dataset = bundle.get_parsed_content("train#dataset")
     manual, clean = dataset.labels(), dataset.clean_labels()
-    true_noisy = (manual != clean).flatten(1).any(1)
+    true_noisy = noisy_slices(manual, clean)
 
-    state = torch.load(last_state_checkpoint(cell), map_location="cpu", weights_only=False)["store"]
+    checkpoint = latest_checkpoint(str(cell), "state_checkpoint")
+    if checkpoint is None:
+        raise FileNotFoundError(f"{cell}: no state_checkpoint_*.pt (is it a finished self-cleansing cell?)")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["store"]
     if len(state["manual_clean_prob"]) != len(manual) or state["actions"].shape[0] == 0:
         raise ValueError(f"{cell}: its store does not match the rebuilt training data or holds no round")
     gmm_noisy = state["actions"][-1] != KEEP_MANUAL
@@ -98,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     epochs = args.teacher_epochs or int(bundle.get_parsed_content("epochs"))
     phase = ConfidentLearningPhase(network, dataset, PseudoLabelStore(), bundle.get_parsed_content("train_loss"),
                                    teacher_epochs=epochs, seed=seed)
-    dataset.store = None
     scores = slice_quality_scores(phase.out_of_sample_probabilities(len(manual)).float(), manual)
 
     rows = compare_rankings(true_noisy, gmm_noisy, state["manual_clean_prob"], scores)

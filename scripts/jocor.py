@@ -31,6 +31,18 @@ def _as_classes(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(logits), logits], 1) if logits.shape[1] == 1 else logits
 
 
+def _pixel_terms(logits1: torch.Tensor, logits2: torch.Tensor, target: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two terms of the joint loss per pixel, (B, H, W) each: ``CE1 + CE2`` (0 on ignored pixels) and
+    ``KL(p1‖p2) + KL(p2‖p1)``."""
+    l1, l2 = _as_classes(logits1.float()), _as_classes(logits2.float())
+    valid = target != IGNORE_INDEX
+    t = torch.where(valid, target, torch.zeros_like(target)).long()
+    ce = F.cross_entropy(l1, t, reduction="none") + F.cross_entropy(l2, t, reduction="none")
+    logp1, logp2 = F.log_softmax(l1, 1), F.log_softmax(l2, 1)
+    return ce * valid, ((logp1.exp() - logp2.exp()) * (logp1 - logp2)).sum(1)
+
+
 def joint_pixel_loss(logits1: torch.Tensor, logits2: torch.Tensor, target: torch.Tensor,
                      co_lambda: float = 0.65) -> torch.Tensor:
     """JoCoR's joint loss per pixel, (B, H, W): ``(1 - λ)(CE1 + CE2) + λ(KL(p1‖p2) + KL(p2‖p1))``.
@@ -38,13 +50,7 @@ def joint_pixel_loss(logits1: torch.Tensor, logits2: torch.Tensor, target: torch
     ``target`` (B, H, W) holds class indices; pixels marked ``IGNORE_INDEX`` get a cross-entropy of 0 (they keep
     the agreement term, which needs no label).
     """
-    l1, l2 = _as_classes(logits1.float()), _as_classes(logits2.float())
-    valid = target != IGNORE_INDEX
-    t = torch.where(valid, target, torch.zeros_like(target)).long()
-    ce = F.cross_entropy(l1, t, reduction="none") + F.cross_entropy(l2, t, reduction="none")
-    ce = ce * valid
-    logp1, logp2 = F.log_softmax(l1, 1), F.log_softmax(l2, 1)
-    sym_kl = ((logp1.exp() - logp2.exp()) * (logp1 - logp2)).sum(1)  # KL(p1‖p2) + KL(p2‖p1)
+    ce, sym_kl = _pixel_terms(logits1, logits2, target)
     return (1 - co_lambda) * ce + co_lambda * sym_kl
 
 
@@ -137,7 +143,8 @@ class JoCoRLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits1, logits2 = split_logits(logits)
         label = self.label(target)
-        pixel = joint_pixel_loss(logits1, logits2, label, self.co_lambda)
+        ce, sym_kl = _pixel_terms(logits1, logits2, label)
+        pixel = (1 - self.co_lambda) * ce + self.co_lambda * sym_kl
         valid = label != IGNORE_INDEX
         with torch.no_grad():
             mask = small_loss_mask(self.selection_scores(pixel.detach(), target), label, self.forget_rate, valid,
@@ -154,8 +161,7 @@ class JoCoRLoss(nn.Module):
             return per_sample * b / mask.sum().clamp_min(1)
         # the agreement term over the selected pixels, as in the published loss; the supervised term is the given
         # loss of each network on the selected pixels only
-        kl = joint_pixel_loss(logits1, logits2, torch.full_like(label, IGNORE_INDEX), 1.0)
-        agreement = (kl * mask).flatten(1).sum(1) * b / mask.sum().clamp_min(1)
+        agreement = (sym_kl * mask).flatten(1).sum(1) * b / mask.sum().clamp_min(1)
         selected = label.masked_fill(~mask, IGNORE_INDEX)[:, None].to(logits1.dtype)
         supervised = self.supervised_loss(logits1, selected) + self.supervised_loss(logits2, selected)
         return (1 - self.co_lambda) * supervised + self.co_lambda * agreement

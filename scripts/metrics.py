@@ -6,7 +6,12 @@ import torch
 
 from scripts.filtering import filter_precision_recall
 
-__all__ = ["label_dice", "pooled_dice", "supervised_fraction", "cleansing_quality"]
+__all__ = ["noisy_slices", "label_dice", "pooled_dice", "supervised_fraction", "cleansing_quality"]
+
+
+def noisy_slices(manual: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: the slices whose manual label (N, H, W) differs from the clean one anywhere (simulated noise)."""
+    return (manual != clean).flatten(1).any(1)
 
 
 def label_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int, ignore_index: int | None = 255) -> torch.Tensor:
@@ -69,7 +74,7 @@ def cleansing_quality(manual: torch.Tensor, pseudo: torch.Tensor, prediction: to
     label differs from the clean one, when there are any. Given the slices the filter ``flagged_noisy``, the
     report starts with the filter's precision and recall against those truly noisy slices.
     """
-    noisy = (manual != clean).flatten(1).any(1)
+    noisy = noisy_slices(manual, clean)
     report = {}
     if flagged_noisy is not None:
         report["filter_precision"], report["filter_recall"] = filter_precision_recall(flagged_noisy, noisy)

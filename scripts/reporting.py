@@ -19,6 +19,7 @@ from ignite.engine import Engine, Events
 from scripts.engine import CleansingEvents
 from scripts.filtering import CLEANSE
 from scripts.handlers import CleansingRound, SelfCleansing
+from scripts.metrics import noisy_slices
 from scripts.slice_pass import eval_mode
 from scripts.sources import GridPrototypes
 
@@ -243,7 +244,7 @@ class CleansingImages:
         ds = self.cleansing.dataset
         clean = ds.clean_labels() if hasattr(ds, "clean_labels") else None
         manual = ds.labels()
-        true_noisy = (manual != clean).flatten(1).any(1) if clean is not None else None
+        true_noisy = noisy_slices(manual, clean) if clean is not None else None
         self._emit(f"{tag}_gmm_manual", gmm_figure(rnd.manual_loss, rnd.manual_filter, "GMM-1 on L(ŷ, y)",
                                                     true_noisy), rnd.epoch)
         ids = torch.nonzero(rnd.actions == CLEANSE).flatten()[: self.n_examples]
