@@ -27,6 +27,8 @@ METHOD_LABELS = {
     "pick_and_learn_dice": "PL (soft Dice)",
     "jocor_train_loss": "JoCoR (train loss)",
     "superpixel_train_loss": "SP (train loss)",
+    "jocor_per_class": "JoCoR (train loss, per class)",
+    "superpixel_per_class": "SP (train loss, per class)",
     "self_cleansing": "Ours (bundle default)",
     "self_cleansing_paper": "Ours (paper recipe)",
     "ablation_lcm": "Baseline+LCM",
@@ -52,7 +54,8 @@ PAPER_TABLE3 = {
 }
 # the paper's "Ours" is its recipe; the bundle's default is compared with the same row
 PAPER_KEY = {"self_cleansing": "ours", "self_cleansing_paper": "ours", "pick_and_learn_dice": "pick_and_learn",
-             "jocor_train_loss": "jocor", "superpixel_train_loss": "superpixel"}
+             "jocor_train_loss": "jocor", "superpixel_train_loss": "superpixel", "jocor_per_class": "jocor",
+             "superpixel_per_class": "superpixel"}
 # Table 4's rows, in its order: the full method is the paper recipe (LCM + LFM)
 ABLATION_ROWS = [("baseline", "Baseline"), ("ablation_lcm", "Baseline+LCM"),
                  ("ablation_lcm_pred", "Baseline+LCM (pred)"), ("ablation_lcm_avg", "Baseline+LCM (avg)"),
@@ -70,7 +73,10 @@ def noise_label(noise: str) -> str:
 
 
 def method_label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
+    """The table name of a method key; a sweep's ``<method>@<setting>`` keeps its setting in brackets."""
+    base, _, setting = method.partition("@")
+    label = METHOD_LABELS.get(base, base)
+    return f"{label} [{setting}]" if setting else label
 
 
 def _noise_order(noises) -> list[str]:

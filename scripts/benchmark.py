@@ -102,7 +102,7 @@ def finished_cells(out: Path) -> list[dict]:
 
     def key(r):
         return (r.get("data", ""), noise_rank.get(r.get("noise"), len(NOISE)), r.get("noise", ""),
-                r.get("loss", ""), method_rank.get(r.get("method"), len(METHODS)), r.get("method", ""),
+                r.get("loss", ""), method_rank.get(r.get("method", "").split("@")[0], len(METHODS)), r.get("method", ""),
                 r.get("seed", 0))
 
     return sorted(rows, key=key)
@@ -157,12 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", default=None,
                         help="also write the grid's results.csv here (e.g. docs/results/<table>.csv), the numbers "
                              "behind a docs table")
+    parser.add_argument("--setting", default=None,
+                        help="a name for the overrides after -- (e.g. lambda0.35): the cells are named and tabulated "
+                             "as <method>@<setting>, so that the settings of a sensitivity sweep share one folder")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="further bundle overrides, after --")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     noise_radius = args.radius_scale if args.radius_scale is not None else radius_scale(args.data, args.profile)
     extra = [a for a in args.extra if a != "--"]
+    if args.setting is not None and (not extra or not args.setting.replace(".", "").replace("_", "").isalnum()):
+        parser.error("--setting names the overrides given after --: give both, the name in letters, digits, '.' "
+                     "and '_'")
     grid = [(n, lo, m, int(s)) for n in args.noise.split(",") for lo in args.losses.split(",")
             for m in args.methods.split(",") for s in args.seeds.split(",")]
     for noise, _, method, _ in grid:
@@ -175,14 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - tqdm is a requirement, but the grid must not depend on a bar
         progress = grid
     for noise, loss, method, seed in progress:
-        name = cell_name(args.data, noise, loss, method, seed)
+        tabulated = method if args.setting is None else f"{method}@{args.setting}"
+        name = cell_name(args.data, noise, loss, tabulated, seed)
         level = NOISE[noise]
         overrides = {
             "seed": seed,
             "train_loss#kind": loss,
             "label_noise": None if level is None else {**level, "seed": seed, "radius_scale": noise_radius},
-            "_meta": {"data": args.data, "noise": noise, "loss": loss, "method": method, "seed": seed},
+            "_meta": {"data": args.data, "noise": noise, "loss": loss, "method": tabulated, "seed": seed},
         }
+        if args.setting is not None:
+            overrides["_meta"]["overrides"] = " ".join(extra)
         if args.dataset_dir:
             overrides["dataset_dir"] = args.dataset_dir
         configs = [*PROFILES[(args.data, args.profile)], *method_configs(method)]

@@ -127,11 +127,24 @@ class JoCoRLoss(nn.Module):
         # the "auto" noise estimate (background, foreground) of ForgetRateSchedule; a buffer, so it is saved with
         # the loss's state_dict
         self.register_buffer("noise_estimate", torch.full((2,), -1.0, dtype=torch.float64))  # -1: none yet
+        # summed joint loss and count of the selected and of the dropped pixels since the last read
+        # (take_loss_gap): superpixel-guided learning waits for this gap to stop growing before it refines labels.
+        # A buffer, so a resumed run reads what the interrupted epoch had summed.
+        self.register_buffer("gap_sums", torch.zeros(4, dtype=torch.float64))
         self.reset_counts()
         self.last_mask: torch.Tensor | None = None
 
     def reset_counts(self) -> None:
         self.counts = torch.zeros(2, 2, dtype=torch.float64)  # [group][pixels, disagreeing]
+
+    def take_loss_gap(self) -> float | None:
+        """Mean joint loss of the dropped pixels minus that of the selected ones since the last call (``None``
+        when nothing was selected), and start summing anew."""
+        sel_sum, sel_n, drop_sum, drop_n = self.gap_sums.tolist()
+        self.gap_sums.zero_()
+        if sel_n == 0:
+            return None
+        return (drop_sum / drop_n if drop_n > 0 else 0.0) - sel_sum / sel_n
 
     def label(self, target: torch.Tensor) -> torch.Tensor:
         return target[:, self.label_channel].round().long()
@@ -154,6 +167,10 @@ class JoCoRLoss(nn.Module):
             for g, group in enumerate((label == 0, (label > 0) & valid)):
                 self.counts[g, 0] += float(group.sum())
                 self.counts[g, 1] += float((wrong & group).sum())
+            dropped = valid & ~mask
+            joint = pixel.detach().double()
+            self.gap_sums += torch.stack([(joint * mask).sum(), mask.sum(), (joint * dropped).sum(),
+                                          dropped.sum()]).double().to(self.gap_sums.device)
         self.last_mask = mask
         b = pixel.shape[0]
         if self.supervised_loss is None:

@@ -26,6 +26,12 @@ METHODS = {
     # cross-entropy term (docs/competitors.md)
     "jocor_train_loss": ["configs/methods/jocor.json", "configs/methods/train_loss_supervision.json"],
     "superpixel_train_loss": ["configs/methods/superpixel.json", "configs/methods/train_loss_supervision.json"],
+    # and with the small-loss selection made within each foreground class, so that the hardest structure is not
+    # dropped whole when three share one budget
+    "jocor_per_class": ["configs/methods/jocor.json", "configs/methods/train_loss_supervision.json",
+                        "configs/methods/select_per_class.json"],
+    "superpixel_per_class": ["configs/methods/superpixel.json", "configs/methods/train_loss_supervision.json",
+                             "configs/methods/select_per_class.json"],
     # an outside peer: cleanlab's segmentation filter, flagged pixels left out of the loss
     "cleanlab": ["configs/methods/cleanlab.json"],
     # Table 4: LCM without LFM (the paper's grid prototypes, the prediction, one averaged prototype); the full

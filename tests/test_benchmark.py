@@ -32,6 +32,8 @@ def test_every_registered_method_has_its_configs():
 
 @pytest.mark.parametrize("method, loss, inner", [("jocor_train_loss", "JoCoRLoss", "supervised_loss"),
                                                ("superpixel_train_loss", "SuperpixelJoCoRLoss", "supervised_loss"),
+                                               ("jocor_per_class", "JoCoRLoss", "supervised_loss"),
+                                               ("superpixel_per_class", "SuperpixelJoCoRLoss", "supervised_loss"),
                                                ("pick_and_learn_dice", "PickAndLearnLoss", "loss")])
 def test_loss_variants_of_the_competitors(method, loss, inner):
     parser = _parser(["configs/quick.json", *benchmark.METHODS[method]])
@@ -40,6 +42,8 @@ def test_loss_variants_of_the_competitors(method, loss, inner):
     assert type(built).__name__ == loss and parser["self_cleansing"] is False
     # the co-training methods take the table's loss, Pick-and-Learn the soft Dice of its paper whatever the table's
     assert getattr(built, inner).kind == ("dice" if method == "pick_and_learn_dice" else "dicece")
+    if hasattr(built, "per_class"):  # the selection's granularity is the method's, not a leftover of another
+        assert built.per_class == method.endswith("_per_class")
 
 
 @pytest.mark.parametrize("method, source", [("ablation_lcm", "GridPrototypes"),
@@ -109,6 +113,21 @@ def test_tables_gather_every_finished_cell_of_the_folder(tmp_path):
     assert "| Noise-free | Baseline | 1 |" in table and "| α = 30%, β = 5 | Baseline | 1 |" in table
     with open(tmp_path / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
+
+
+def test_a_sweep_setting_names_its_cells_and_rows(tmp_path):
+    _cache(tmp_path, _result("phantom", "a30b5", "dicece", "jocor", 0, 0.75))
+    _cache(tmp_path, _result("phantom", "a30b5", "dicece", "jocor@lambda0.35", 0, 0.78))
+    argv = ["--data", "phantom", "--noise", "a30b5", "--methods", "jocor", "--setting", "lambda0.35",
+            "--out", str(tmp_path), "--", "--co_lambda", "0.35"]
+    assert benchmark.main(argv) == 0  # the cell of that setting is cached, so nothing trains
+    rows = benchmark.finished_cells(tmp_path)
+    assert [r["method"] for r in rows] == ["jocor", "jocor@lambda0.35"]
+    assert "| JoCoR [lambda0.35] |" in (tmp_path / "results_paper.md").read_text()
+    for bad in (["--setting", "x"], ["--setting", "a b", "--", "--co_lambda", "0.3"]):  # no overrides; not a name
+        with pytest.raises(SystemExit):
+            benchmark.main(["--data", "phantom", "--noise", "a30b5", "--methods", "jocor", "--out", str(tmp_path),
+                            *bad])
 
 
 def test_time_ratio_against_the_baseline_of_the_same_seeds():

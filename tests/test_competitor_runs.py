@@ -89,12 +89,15 @@ def test_confident_learning_trains_on_corrected_labels(phantom, tmp_path):
 
 
 def test_superpixel_trains_and_refines(phantom, tmp_path):
+    # no waiting for the loss gap, and a refinement every epoch, so that a 3-epoch run refines twice
     _train(phantom, tmp_path, ["configs/methods/superpixel.json"], "--refine_start_epoch", "1",
-           "--refine_interval", "1", "--num_gradual", "1", "--refine_conf_thres", "0.3")
+           "--refine_patience", "0", "--refine_interval", "1", "--num_gradual", "1", "--refine_conf_thres", "0.3")
     store = _latest(tmp_path / "runs", "state")["store"]
     # refinements after epochs 1 and 2 (each run as the next epoch starts)
     assert [r["epoch"] for r in store["rounds"]] == [1, 2]
     assert "pixel_error_refined" in store["rounds"][-1]
+    # no more of the foreground's pixels change than the forget rate of the epoch
+    assert store["rounds"][-1]["change_rate_fg"] > 0
     assert _latest(tmp_path / "runs", "peer")["model2"]
     assert (tmp_path / "models" / "model2_final.pt").exists()
 

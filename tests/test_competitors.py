@@ -23,6 +23,7 @@ from scripts.losses import IGNORE_INDEX, SegmentationLoss
 from scripts.pick_and_learn import PickAndLearnLoss, PickAndLearnPrepareBatch, QualityNet, quality_weights
 from scripts.superpixel import (
     SuperpixelJoCoRLoss,
+    SuperpixelRefinement,
     refine_labels,
     segment_count,
     slic_segments,
@@ -307,6 +308,47 @@ def test_refinement_respects_superpixel_boundaries():
         for s in seg[b][changed].unique():
             assert torch.equal(refined[b][seg[b] == s], refined[b][seg[b] == s][0].expand(int((seg[b] == s).sum())))
     assert torch.all(refined[:, :, 16:] == 2)
+
+
+def test_refinement_budget_keeps_a_structure_the_networks_have_not_learned():
+    # a 4-pixel-wide structure of class 1 whose every superpixel the networks call background, confidently
+    seg = torch.arange(32)[None, :, None].expand(2, 32, 32) // 2 * 16 + torch.arange(32)[None, None, :] // 2
+    label = torch.zeros(2, 32, 32, dtype=torch.long)
+    label[:, 8:24, 14:18] = 1
+    probs = torch.zeros(2, 2, 32, 32)
+    probs[:, 0], probs[:, 1] = 0.9, 0.1
+    probs[:, 0, 8:16, 14:18], probs[:, 1, 8:16, 14:18] = 0.6, 0.4  # the upper half of it gets some support
+    unbounded = refine_labels(label, probs, seg, conf_thres=0.5)
+    assert not (unbounded == 1).any()  # every pixel of the structure is relabelled: it is gone
+    budgeted = refine_labels(label, probs, seg, conf_thres=0.5, change_rates=(0.0, 0.25))
+    changed = budgeted != label
+    n_fg = int((label == 1).sum())
+    assert int(changed.sum()) == n_fg // 4  # at most the foreground rate of the structure's pixels change
+    assert not changed[:, 8:16].any()  # the least supported pixels (the lower half) go first
+    assert torch.equal(budgeted[label == 0], label[label == 0])  # a background rate of 0 changes no background
+
+
+def test_refinement_waits_for_the_loss_gap_to_stop_growing():
+    loss = SuperpixelJoCoRLoss()
+    store = type("Store", (), {"rounds": []})()
+    refinement = SuperpixelRefinement([], None, store, start_epoch=2, patience=2, loss=loss)
+    due = []
+    # per epoch: summed joint loss and count of the selected pixels, then of the dropped ones
+    for epoch, (sel, drop) in enumerate([(1.0, 2.0), (0.5, 2.0), (0.4, 1.8), (0.4, 1.7), (0.3, 1.0)], start=1):
+        loss.gap_sums.copy_(torch.tensor([sel * 10, 10, drop * 5, 5], dtype=torch.float64))
+        loss.track_loss_gap()
+        due.append(refinement.due(epoch))
+    # gaps 1.0, 1.5, 1.4, 1.3, 0.7: the largest after epoch 2, two epochs without a new one after epoch 4
+    assert due == [False, False, False, True, True]
+    assert loss.gap_sums.sum() == 0  # each read starts a new sum
+    store.rounds.append({"epoch": 4, "refined_slices": 3})
+    assert not refinement.due(5) and not refinement.due(9)  # the original refines once
+    refinement.interval = 2
+    assert [refinement.due(e) for e in (5, 6, 7, 8)] == [False, True, False, True]
+    # the trigger is part of the loss's state, so a resumed run waits as long as the interrupted one
+    assert {"gap_sums", "gap_trigger"} <= set(loss.state_dict())
+    with pytest.raises(ValueError, match="SuperpixelJoCoRLoss"):
+        SuperpixelRefinement([], None, store, start_epoch=2, patience=2)
 
 
 def test_superpixel_selection_keeps_or_drops_whole_superpixels():
