@@ -101,9 +101,9 @@ def finished_cells(out: Path) -> list[dict]:
     method_rank = {m: i for i, m in enumerate(METHODS)}
 
     def key(r):
+        base = r.get("method", "").split("@")[0]  # a sweep's settings sit beside their method
         return (r.get("data", ""), noise_rank.get(r.get("noise"), len(NOISE)), r.get("noise", ""),
-                r.get("loss", ""), method_rank.get(r.get("method", "").split("@")[0], len(METHODS)), r.get("method", ""),
-                r.get("seed", 0))
+                r.get("loss", ""), method_rank.get(base, len(METHODS)), r.get("method", ""), r.get("seed", 0))
 
     return sorted(rows, key=key)
 

@@ -23,7 +23,8 @@ from torch import nn
 from scripts.competitors import split_logits
 from scripts.ignore_index import IGNORE_INDEX
 
-__all__ = ["joint_pixel_loss", "small_loss_mask", "JoCoRLoss", "ForgetRateSchedule", "forget_ramp"]
+__all__ = ["joint_pixel_loss", "small_loss_mask", "class_balanced_weights", "JoCoRLoss", "ForgetRateSchedule",
+           "forget_ramp"]
 
 
 def _as_classes(logits: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,17 @@ def small_loss_mask(scores: torch.Tensor, label: torch.Tensor, forget_rate, vali
     return keep.reshape(label.shape)
 
 
+def class_balanced_weights(label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Pixel weights (the shape of ``label``) that sum to one over the ``mask``ed pixels and give each class present
+    among them the same total weight: a weighted sum is then the mean over classes of each class's mean."""
+    weight = torch.zeros(label.shape, dtype=torch.float32, device=label.device)
+    classes = torch.unique(label[mask]).tolist()
+    for c in classes:
+        of_c = mask & (label == c)
+        weight[of_c] = 1.0 / (len(classes) * int(of_c.sum()))
+    return weight
+
+
 def forget_ramp(epoch: int, num_gradual: int) -> float:
     """Share of the full forget rate used in (1-based) ``epoch``: 0 in epoch 1, rising linearly to 1 at epoch
     ``num_gradual + 1`` (JoCoR's schedule)."""
@@ -114,15 +126,22 @@ class JoCoRLoss(nn.Module):
             segmentation loss (the Baseline's ``train_loss``) replaces the cross-entropy term by that loss of each
             network on the selected pixels (the others are ignored), ``(1 - λ)(L1 + L2) + λ · mean KL``; the
             selection still ranks the joint per-pixel loss, which is what JoCoR selects on.
+        class_balanced: with the published objective, average the selected pixels' joint loss per class and then
+            over the classes present in the batch, as the segmentation JoCoR of Li et al. does (its automatic class
+            weights: foreground weighted by background over foreground count, which for two classes is the mean
+            of the two class means). Without it, whole slices, where the heart is a few per cent of the pixels,
+            hardly train the foreground at all.
     """
 
     def __init__(self, co_lambda: float = 0.65, label_channel: int = 0,
-                 supervised_loss: nn.Module | None = None, per_class: bool = False) -> None:
+                 supervised_loss: nn.Module | None = None, per_class: bool = False,
+                 class_balanced: bool = False) -> None:
         super().__init__()
         if not 0.0 <= co_lambda <= 1.0:
             raise ValueError(f"co_lambda must lie in [0, 1], got {co_lambda}")
         self.co_lambda, self.label_channel = float(co_lambda), int(label_channel)
         self.supervised_loss, self.per_class = supervised_loss, bool(per_class)
+        self.class_balanced = bool(class_balanced)
         self.forget_rate = (0.0, 0.0)
         # the "auto" noise estimate (background, foreground) of ForgetRateSchedule; a buffer, so it is saved with
         # the loss's state_dict
@@ -174,8 +193,8 @@ class JoCoRLoss(nn.Module):
         self.last_mask = mask
         b = pixel.shape[0]
         if self.supervised_loss is None:
-            per_sample = (pixel * mask).flatten(1).sum(1)
-            return per_sample * b / mask.sum().clamp_min(1)
+            weight = class_balanced_weights(label, mask) if self.class_balanced else mask / mask.sum().clamp_min(1)
+            return (pixel * weight).flatten(1).sum(1) * b
         # the agreement term over the selected pixels, as in the published loss; the supervised term is the given
         # loss of each network on the selected pixels only
         agreement = (sym_kl * mask).flatten(1).sum(1) * b / mask.sum().clamp_min(1)

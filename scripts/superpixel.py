@@ -264,7 +264,10 @@ class SuperpixelRefinement:
         if done < 1:
             return
         if self.patience > 0:
-            self.loss.track_loss_gap()
+            gap = self.loss.track_loss_gap()
+            if gap is not None:
+                self.logger.info(f"epoch {done}: loss gap {gap:.4f}, {self.loss.stale_epochs} epoch(s) without a new "
+                                 "maximum")
         if self.due(done):
             self(engine)
 

@@ -18,7 +18,14 @@ from scripts.confident_learning import (
     soft_segmentation_loss,
     split_volumes,
 )
-from scripts.jocor import ForgetRateSchedule, JoCoRLoss, forget_ramp, joint_pixel_loss, small_loss_mask
+from scripts.jocor import (
+    ForgetRateSchedule,
+    JoCoRLoss,
+    class_balanced_weights,
+    forget_ramp,
+    joint_pixel_loss,
+    small_loss_mask,
+)
 from scripts.losses import IGNORE_INDEX, SegmentationLoss
 from scripts.pick_and_learn import PickAndLearnLoss, PickAndLearnPrepareBatch, QualityNet, quality_weights
 from scripts.superpixel import (
@@ -385,6 +392,27 @@ def test_jocor_with_the_baseline_loss_supervises_only_the_selected_pixels():
     dropped = ~loss.last_mask
     assert dropped.any() and grad.abs().sum(1)[dropped].max() == 0
     assert grad.abs().sum(1)[loss.last_mask].min() > 0
+
+
+def test_class_balanced_joint_loss_is_the_mean_of_the_class_means():
+    label = torch.zeros(1, 10, 10, dtype=torch.long)
+    label[0, :2, :5] = 1  # 10 foreground pixels among 100
+    mask = torch.ones_like(label, dtype=torch.bool)
+    mask[0, 9, :] = False  # 10 background pixels dropped
+    w = class_balanced_weights(label, mask)
+    assert torch.isclose(w.sum(), torch.tensor(1.0)) and w[~mask].sum() == 0
+    assert torch.isclose(w[label == 1].sum(), torch.tensor(0.5)) and torch.isclose(w[mask & (label == 0)].sum(),
+                                                                                     torch.tensor(0.5))
+    # through the loss: both networks confidently predict background everywhere, so only the foreground errs
+    logits = torch.zeros(1, 4, 10, 10)
+    logits[:, 0] = logits[:, 2] = 4.0
+    pixel = joint_pixel_loss(logits[:, :2], logits[:, 2:], label, 0.65)
+    balanced_mean = (pixel[label == 1].mean() + pixel[label == 0].mean()) / 2
+    for balanced, expected in ((False, pixel.mean()), (True, balanced_mean)):
+        loss = JoCoRLoss(co_lambda=0.65, class_balanced=balanced)
+        assert torch.isclose(loss(logits, label[:, None].float()).mean(), expected, atol=1e-6)
+    # 10 of the 90 selected pixels carry half of the balanced loss: the missed foreground dominates it
+    assert JoCoRLoss(class_balanced=True)(logits, label[:, None].float()).mean() > 4 * pixel.mean()
 
 
 def test_per_class_selection_keeps_the_hardest_class():
