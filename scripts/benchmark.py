@@ -18,6 +18,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     noise_radius = args.radius_scale if args.radius_scale is not None else radius_scale(args.data, args.profile)
     extra = [a for a in args.extra if a != "--"]
-    if args.setting is not None and (not extra or not args.setting.replace(".", "").replace("_", "").isalnum()):
+    if args.setting is not None and (not extra or not re.fullmatch(r"[A-Za-z0-9._]+", args.setting)):
         parser.error("--setting names the overrides given after --: give both, the name in letters, digits, '.' "
                      "and '_'")
     grid = [(n, lo, m, int(s)) for n in args.noise.split(",") for lo in args.losses.split(",")

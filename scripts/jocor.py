@@ -94,12 +94,11 @@ def small_loss_mask(scores: torch.Tensor, label: torch.Tensor, forget_rate, vali
 def class_balanced_weights(label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Pixel weights (the shape of ``label``) that sum to one over the ``mask``ed pixels and give each class present
     among them the same total weight: a weighted sum is then the mean over classes of each class's mean."""
-    weight = torch.zeros(label.shape, dtype=torch.float32, device=label.device)
-    classes = torch.unique(label[mask]).tolist()
-    for c in classes:
-        of_c = mask & (label == c)
-        weight[of_c] = 1.0 / (len(classes) * int(of_c.sum()))
-    return weight
+    kept = label.clamp_min(0).long() * mask  # every class index is valid for bincount; masked-out pixels get 0
+    counts = torch.bincount(label[mask].long(), minlength=int(kept.max()) + 1).float()
+    per_pixel = counts.gather(0, kept.flatten()).reshape(label.shape)
+    present = int((counts > 0).sum())
+    return torch.where(mask, 1.0 / (present * per_pixel).clamp_min(1), torch.zeros_like(per_pixel))
 
 
 def forget_ramp(epoch: int, num_gradual: int) -> float:

@@ -294,9 +294,8 @@ class SuperpixelRefinement:
         for start in range(0, len(manual), self.batch_size):
             ids = list(range(start, min(start + self.batch_size, len(manual))))
             probs = predict_slices(self.networks, self.dataset, ids, self.batch_size)
-            votes = superpixel_votes(manual[ids], probs, segments[ids])
-            top[ids], confidence[ids], support[ids] = (v.to(t.dtype) for v, t in zip(votes, (top, confidence,
-                                                                                              support)))
+            t, c, sup = superpixel_votes(manual[ids], probs, segments[ids])
+            top[ids], confidence[ids], support[ids] = t.to(top.dtype), c, sup  # labels are stored as bytes
         # one budget over the whole training set, as the original's refinement pass over all slices at once
         rates = tuple(self.loss.forget_rate) if self.budget else None
         change = budgeted_changes(manual, top, confidence, support, self.conf_thres, rates)
