@@ -135,6 +135,15 @@ class FilterResult:
     def fitted(self) -> bool:
         return len(self.means) == 2
 
+    @property
+    def separation(self) -> float:
+        """Ashman's D of the two components, ``sqrt(2) |mean_noisy - mean_clean| / sqrt(var_clean + var_noisy)``;
+        NaN when no mixture was fitted. Above about 2 the losses form two populations; a filter run on clean labels
+        still splits a single skewed population, so this number is what tells a real split from a forced one."""
+        if not self.fitted:
+            return float("nan")
+        return math.sqrt(2.0) * abs(self.means[1] - self.means[0]) / math.sqrt(sum(self.variances))
+
     def summary(self) -> dict:
         """Flat dict of scalars for logging."""
         out = {
@@ -151,6 +160,7 @@ class FilterResult:
                 out[f"{name}_noisy"] = float(n)
             out["converged"] = self.converged
             out["n_iter"] = self.n_iter
+            out["separation"] = self.separation
         return out
 
     def component_pdfs(self, x) -> tuple[np.ndarray, np.ndarray]:
@@ -311,6 +321,19 @@ def filter_precision_recall(
     return precision, recall
 
 
+def _mixture_summary(prefix: str, result: FilterResult) -> dict:
+    """GMM parameters of one fit, in normalised loss units, for the round's log; NaN where nothing was fitted, so
+    that every round writes the same columns."""
+    nan = float("nan")
+    means, variances, weights = (result.means, result.variances, result.weights) if result.fitted else \
+        ((nan, nan), (nan, nan), (nan, nan))
+    return {
+        f"{prefix}_mean_clean": float(means[0]), f"{prefix}_mean_noisy": float(means[1]),
+        f"{prefix}_sd_clean": math.sqrt(variances[0]), f"{prefix}_sd_noisy": math.sqrt(variances[1]),
+        f"{prefix}_weight_noisy": float(weights[1]), f"{prefix}_separation": result.separation,
+    }
+
+
 @dataclass
 class Verdicts:
     """One round's decisions: the two GMM fits, which pseudo-labels count as Clean, and an action per sample."""
@@ -333,6 +356,7 @@ class Verdicts:
             cleansed=int((self.actions == CLEANSE).sum()),
             manual_filter_status=self.manual.status,
             pseudo_filter_status=self.pseudo.status if self.pseudo is not None else "no_pseudo_labels",
+            **_mixture_summary("gmm1", self.manual),
         )
 
 

@@ -95,6 +95,8 @@ class CleansingLogger:
                f"pseudo {s['kept_pseudo']}, cleansed {s['cleansed']}")
         if s["manual_filter_status"] != "ok":
             msg += f"; GMM-1: {s['manual_filter_status']}"
+        elif "gmm1_separation" in s:
+            msg += f"; GMM-1 separation {s['gmm1_separation']:.2f}"
         if "filter_precision" in s:
             msg += (f"; filter precision {s['filter_precision']:.3f} recall {s['filter_recall']:.3f}; Dice vs clean:"
                     f" Y {s['dice_manual_vs_clean']:.3f}, Y' {s['dice_pseudo_vs_clean']:.3f}, "

@@ -143,3 +143,14 @@ def test_precision_recall_values_and_zero_division():
     assert filter_precision_recall(none, torch.tensor([True, False, False, False])) == (1.0, 0.0)
     p, r = filter_precision_recall(none, none, zero_division=float("nan"))
     assert math.isnan(p) and math.isnan(r)
+
+
+def test_separation_tells_two_populations_from_one_skewed_one():
+    losses, _ = _two_populations()
+    two = gmm_filter(losses)
+    # (0.7 - 0.1) / sqrt(0.03² + 0.1²) * sqrt(2), in any units: min-max scaling leaves the ratio unchanged
+    assert two.separation == pytest.approx(math.sqrt(2) * 0.6 / math.hypot(0.03, 0.1), rel=0.15)
+    skewed = gmm_filter(torch.tensor(np.random.default_rng(1).gamma(2.0, 0.1, 300)))
+    assert skewed.status == "ok" and skewed.separation < two.separation / 2
+    assert two.summary()["separation"] == two.separation
+    assert math.isnan(gmm_filter(torch.rand(3)).separation)  # too few samples: nothing fitted

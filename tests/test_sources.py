@@ -5,6 +5,7 @@ renamed one gives)."""
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -111,3 +112,14 @@ def test_self_cleansing_takes_few_parameters_and_names_the_new_key_for_an_old_on
     assert "train#cleansing#pseudo_source is now train#cleansing#source" in message
     assert "train#cleansing#flip_average is now train#cleansing#slice_pass#flip_average" in message
     assert "train#cleansing#colour is not an argument" in message
+
+
+def test_round_summary_carries_the_manual_mixture():
+    manual = torch.tensor([0.1] * 8 + [0.9] * 4) + torch.linspace(0, 0.01, 12)
+    summary = LabelFilter()(manual, manual, torch.ones(12, dtype=torch.bool)).summary()
+    assert summary["gmm1_mean_clean"] < 0.1 < 0.9 < summary["gmm1_mean_noisy"]
+    assert summary["gmm1_weight_noisy"] == pytest.approx(4 / 12, abs=0.01)
+    assert summary["gmm1_separation"] > 5
+    # too few slices for a fit: the same columns, NaN
+    few = LabelFilter()(manual[:4], manual[:4], torch.ones(4, dtype=torch.bool)).summary()
+    assert set(summary) == set(few) and math.isnan(few["gmm1_separation"])
