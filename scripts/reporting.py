@@ -41,13 +41,19 @@ def _trim_csv(path: str | None, epoch: int) -> int:
     keep = [r for r in rows if r.get("epoch") not in (None, "") and int(float(r["epoch"])) <= epoch]
     if len(keep) == len(rows):
         return 0
+    _rewrite_csv(path, fields, keep)
+    return len(rows) - len(keep)
+
+
+def _rewrite_csv(path: str, fields: list[str], rows: list[dict]) -> None:
+    """Replace ``path`` by ``rows`` under the header ``fields``, atomically, so a crash mid-write loses nothing."""
+
     tmp = f"{path}.tmp"
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
-        writer.writerows(keep)
+        writer.writerows(rows)
     os.replace(tmp, path)
-    return len(rows) - len(keep)
 
 
 def _trim_on_start(engine: Engine, path: str | None, logger: logging.Logger) -> None:
@@ -58,13 +64,25 @@ def _trim_on_start(engine: Engine, path: str | None, logger: logging.Logger) -> 
 
 
 def _append_csv(path: str, row: dict) -> None:
-    """Append one row, writing the header when the file is new; a resumed run keeps adding to the same file."""
+    """Append one row, writing the header when the file is new; a resumed run keeps adding to the same file.
+
+    A column that first appears in a later row (validation every n-th epoch adds its metrics from epoch n on)
+    widens the header, earlier rows left empty there, so no value is ever written under no name.
+    """
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    new = not os.path.exists(path)
+    fields = None
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            fields = next(csv.reader(f), None)
+    if fields is not None and any(k not in fields for k in row):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        fields = fields + [k for k in row if k not in fields]
+        _rewrite_csv(path, fields, rows)
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
-        if new:
+        writer = csv.DictWriter(f, fieldnames=fields or list(row), restval="")
+        if fields is None:
             writer.writeheader()
         writer.writerow(row)
 
