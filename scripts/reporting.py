@@ -186,11 +186,13 @@ class MetricsHistory:
     def __init__(self, evaluator: Engine, output_file: str, output_key: str = "loss") -> None:
         self.evaluator, self.output_file, self.output_key = evaluator, output_file, output_key
         self.losses: list[float] = []
+        self.validated = False
         self.logger = logging.getLogger(self.__class__.__name__)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, _trim_on_start, self.output_file, self.logger)
         engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.losses.clear())
+        self.evaluator.add_event_handler(Events.COMPLETED, self._mark_validated)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
@@ -200,8 +202,14 @@ class MetricsHistory:
         value = item[self.output_key]
         self.losses.append(float(value.detach() if torch.is_tensor(value) else value))
 
+    def _mark_validated(self, _: Engine) -> None:
+        self.validated = True
+
     def __call__(self, engine: Engine) -> None:
-        metrics = getattr(self.evaluator.state, "metrics", None) or {}
+        # an epoch without validation leaves its metric cells empty rather than repeating the last reading, so a
+        # curve drawn from the file has a point where validation ran and nowhere else
+        fresh, self.validated = self.validated, False
+        metrics = (getattr(self.evaluator.state, "metrics", None) or {}) if fresh else {}
         row = {"epoch": engine.state.epoch, "train_loss": sum(self.losses) / max(1, len(self.losses)),
                "lambda1": getattr(engine.state, "lambda1", 1.0), "lambda2": getattr(engine.state, "lambda2", 0.0)}
         row.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})

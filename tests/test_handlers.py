@@ -495,8 +495,9 @@ def test_progress_bar_only_in_a_terminal(monkeypatch):
 
 
 def test_history_names_a_metric_that_first_appears_after_epoch_one(tmp_path):
-    """Validation every second epoch adds its metric from epoch 2 on: the header widens, epoch 1's cell stays empty,
-    and every value sits under its name (so curve plots and resume trims can read the file)."""
+    """Validation every second epoch adds its metric from epoch 2 on: the header widens, the epochs without
+    validation leave the cell empty (no stale reading repeated), and every value sits under its name (so curve
+    plots and resume trims can read the file)."""
     import csv
 
     from scripts.reporting import MetricsHistory, _trim_csv
@@ -504,9 +505,13 @@ def test_history_names_a_metric_that_first_appears_after_epoch_one(tmp_path):
     evaluator = Engine(lambda e, b: None)
     trainer = Engine(lambda e, b: {"loss": torch.tensor(float(e.state.epoch))})
 
+    @evaluator.on(Events.COMPLETED)
+    def score(engine):
+        engine.state.metrics = {"val_mean_dice": 0.1 * trainer.state.epoch}
+
     @trainer.on(Events.EPOCH_COMPLETED(every=2))
     def validate(engine):
-        evaluator.state.metrics = {"val_mean_dice": 0.1 * engine.state.epoch}
+        evaluator.run([0])
 
     path = tmp_path / "history.csv"
     MetricsHistory(evaluator, str(path)).attach(trainer)
@@ -517,6 +522,7 @@ def test_history_names_a_metric_that_first_appears_after_epoch_one(tmp_path):
     assert all(None not in r for r in rows)
     assert rows[0]["val_mean_dice"] == ""
     assert float(rows[1]["val_mean_dice"]) == pytest.approx(0.2)
+    assert rows[2]["val_mean_dice"] == ""
     assert float(rows[3]["val_mean_dice"]) == pytest.approx(0.4)
     assert float(rows[2]["train_loss"]) == pytest.approx(3.0)
     assert _trim_csv(str(path), 2) == 2
