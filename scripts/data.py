@@ -384,7 +384,8 @@ class SliceDataset(Dataset):
         """The classes each manual slice states (``classes_known``), once per label set rather than per read: the
         classes it draws, or every class on a slice taken as truly empty (``trusted_empty_run``), logged."""
         labels = self.labels()
-        self.classes_known = torch.tensor([class_bits(lab) for lab in labels], dtype=torch.long)
+        self.classes_drawn = torch.tensor([class_bits(lab) for lab in labels], dtype=torch.long)
+        self.classes_known = self.classes_drawn.clone()
         if self.trusted_empty_run is None:
             return
         truly_empty = empty_end_runs(labels, [v["n_slices"] for v in self.volume_info], self.trusted_empty_run)
@@ -433,6 +434,15 @@ class SliceDataset(Dataset):
             return None
         return torch.stack([s["clean_label"][0] for s in self.data])
 
+    def _pseudo_known(self, index: int, manual: torch.Tensor, pseudo: torch.Tensor) -> int:
+        """The classes Y' states for ``HybridLoss(cleansed_absent_unknown=True)``, as :func:`class_bits`: every
+        class where Y' is the manual label; on a cleansed slice, those it holds, plus every class when the manual
+        slice is taken as truly empty."""
+        if torch.equal(pseudo, manual.to(pseudo.dtype)):
+            return ALL_CLASS_BITS
+        known = int(self.classes_known[index])
+        return class_bits(pseudo) | (known & ~int(self.classes_drawn[index]))
+
     def _transform(self, index: int):
         sample = dict(self.data[index])
         sample.pop("clean_label", None)
@@ -441,6 +451,7 @@ class SliceDataset(Dataset):
             # the classes the whole manual slice states: after cropping, a background patch of a labelled slice
             # cannot be told from a patch of a missed one (HybridPrepareBatch(slice_flags=True))
             sample["classes_known"] = int(self.classes_known[sample["id"]])
+            sample["pseudo_known"] = self._pseudo_known(sample["id"], sample["label"], sample["pseudo"])
         for k in ("label", "pseudo"):
             if k in sample:
                 sample[k] = sample[k].float()

@@ -32,7 +32,9 @@ class HybridPrepareBatch(PrepareBatch):
             slice states, as the bits of :func:`scripts.losses.class_bits` (the ``classes_known`` key of
             :class:`scripts.data.SliceDataset`), constant over the patch. A patch drawn away from the structures of
             a labelled slice is as empty as a patch of a missed slice; only this tells them apart for
-            ``HybridLoss(ignore_empty_manual=True)`` and ``absent_unknown_manual``.
+            ``HybridLoss(ignore_empty_manual=True)`` and ``absent_unknown_manual``. When the batch also carries
+            ``pseudo_known`` (the classes Y' states, see :class:`scripts.data.SliceDataset`), that goes in a
+            fourth channel, for ``HybridLoss(cleansed_absent_unknown=True)``.
     """
 
     def __init__(self, slice_flags: bool = False) -> None:
@@ -51,6 +53,9 @@ class HybridPrepareBatch(PrepareBatch):
                                "which scripts.data.SliceDataset adds when a pseudo-label store is attached")
             bits = torch.as_tensor(_plain(batchdata["classes_known"]), device=label.device).to(label.dtype)
             channels.append(bits.reshape(-1, *[1] * (label.ndim - 1)).expand_as(label))
+            if "pseudo_known" in batchdata:
+                known = torch.as_tensor(_plain(batchdata["pseudo_known"]), device=label.device).to(label.dtype)
+                channels.append(known.reshape(-1, *[1] * (label.ndim - 1)).expand_as(label))
         return image, torch.cat(channels, dim=1)
 
 

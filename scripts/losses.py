@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
@@ -11,6 +13,8 @@ from scripts.ignore_index import IGNORE_INDEX
 
 __all__ = ["ALL_CLASS_BITS", "class_bits", "classes_from_bits", "SegmentationLoss", "HybridLoss", "probabilities",
            "IGNORE_INDEX"]
+
+logger = logging.getLogger(__name__)
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -56,7 +60,7 @@ class SegmentationLoss(nn.Module):
         self.masked_binary_dice = DiceLoss(reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, absent_unknown: bool = False,
-                present: torch.Tensor | None = None) -> torch.Tensor:
+                present: torch.Tensor | None = None, dice_classes: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample loss of ``logits`` (B, C, ...) against the class map ``target`` (B, 1, ...).
 
         With ``absent_unknown`` a foreground class that a sample's target does not contain is not taken as absent
@@ -66,8 +70,13 @@ class SegmentationLoss(nn.Module):
         background target costs nothing. ``present`` (B, C) bool says which classes each sample's whole slice
         holds (:func:`classes_from_bits`); without it, the classes of the target itself, which for a patch cut
         from a larger slice also calls the structures outside the patch unknown.
+
+        ``dice_classes`` (B, C) bool, column 0 unused: the foreground classes whose Dice term counts for each
+        sample; a class left out adds 0 and the others keep their weight. The cross-entropy term is unchanged.
         """
         if absent_unknown:
+            if dice_classes is not None:
+                raise ValueError("dice_classes and absent_unknown both choose Dice terms: give one")
             return self._absent_unknown(logits, target, present)
         binary = logits.shape[1] == 1
         ignored = target == self.ignore_index
@@ -85,6 +94,9 @@ class SegmentationLoss(nn.Module):
                 dice = self.masked_dice(probs * valid, onehot * valid)
         if self.absent_agreement:
             dice = dice.flatten(2).mean(2) * self._contested(logits, target, valid)
+        if dice_classes is not None:
+            # binary: the one Dice channel is the foreground, column 1
+            dice = dice.flatten(2).mean(2) * dice_classes[:, 1:dice.shape[1] + 1].to(dice.dtype)
         loss = dice.flatten(1).mean(1)
         if self.kind == "dicece":
             if binary:
@@ -187,16 +199,38 @@ class HybridLoss(nn.Module):
             the whole slice when the third target channel carries them, as for ``ignore_empty_manual``. A truly
             absent class gets its supervision back, as above, through Y' once the slice is called Clean. Needs a
             :class:`SegmentationLoss`; only with a pseudo-label channel.
+        cleansed_absent_unknown: in the pseudo term of a cleansed slice (one whose Y' is not its manual label), a
+            foreground class that Y' does not hold has no Dice term, unless the manual slice states it absent (a
+            slice taken as truly empty): Y' was drawn by the network and trimmed by the target rules, so a class
+            missing from it is a class nobody vouches for, not one known to be absent. Under per-sample soft Dice
+            an absent class costs about 1 until its summed probability over the whole patch falls below the
+            smoothing term; with about half of the cleansed slices missed (all background) that pushes the network
+            towards suppressing the classes around their contested pixels, and a long run loses them. Cross-entropy
+            is unchanged: it still teaches background where network and annotator agree on it. ``"auto"`` turns
+            the rule on for a loss without a cross-entropy term (``kind="dice"``), where the Dice term alone says
+            "absent", and off for Dice + CE, where it measured level (see docs/experiments.md); the decision is
+            logged. Reads the fourth target channel (the ``pseudo_known`` key of
+            :class:`scripts.data.SliceDataset`, stacked by ``HybridPrepareBatch(slice_flags=True)``); needs a
+            :class:`SegmentationLoss`.
     """
 
     def __init__(self, loss: nn.Module | None = None, ignore_empty_manual: bool = False,
-                 absent_unknown_manual: bool = False) -> None:
+                 absent_unknown_manual: bool = False, cleansed_absent_unknown: bool | str = False) -> None:
         super().__init__()
         self.loss = loss if loss is not None else SegmentationLoss()
-        if absent_unknown_manual and not isinstance(self.loss, SegmentationLoss):
-            raise TypeError(f"absent_unknown_manual needs a SegmentationLoss, got {type(self.loss).__name__}")
+        if cleansed_absent_unknown == "auto":
+            cleansed_absent_unknown = getattr(self.loss, "kind", None) == "dice"
+            logger.info(f"cleansed_absent_unknown='auto': {'on' if cleansed_absent_unknown else 'off'} for a "
+                        f"{type(self.loss).__name__}(kind={getattr(self.loss, 'kind', None)!r})")
+        elif not isinstance(cleansed_absent_unknown, bool):
+            raise ValueError(f"cleansed_absent_unknown is True, False or 'auto', got {cleansed_absent_unknown!r}")
+        for name, wanted in (("absent_unknown_manual", absent_unknown_manual),
+                             ("cleansed_absent_unknown", cleansed_absent_unknown)):
+            if wanted and not isinstance(self.loss, SegmentationLoss):
+                raise TypeError(f"{name} needs a SegmentationLoss, got {type(self.loss).__name__}")
         self.ignore_empty_manual = ignore_empty_manual
         self.absent_unknown_manual = absent_unknown_manual
+        self.cleansed_absent_unknown = cleansed_absent_unknown
         self.lambda1, self.lambda2 = 1.0, 0.0
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -219,5 +253,11 @@ class HybridLoss(nn.Module):
                 term = term * labelled.to(term.dtype)
             total = total + self.lambda1 * term
         if self.lambda2 > 0:
-            total = total + self.lambda2 * self.loss(logits, pseudo)
+            dice_classes = None
+            if self.cleansed_absent_unknown:
+                if target.shape[1] < 4:
+                    raise ValueError("HybridLoss(cleansed_absent_unknown=True) needs the classes Y' knows as a fourth "
+                                     "target channel: use HybridPrepareBatch(slice_flags=True) with a SliceDataset")
+                dice_classes = classes_from_bits(target[:, 3].flatten(1)[:, 0], max(2, logits.shape[1]))
+            total = total + self.lambda2 * self.loss(logits, pseudo, dice_classes=dice_classes)
         return total

@@ -29,11 +29,11 @@ SHORT = ["--warmup_epochs", "1", "--full_pseudo_epoch", "2", "--cleansing_interv
          "--batch_size", "4"]
 
 
-def _train(data: Path, work: Path, *configs: str, epochs: int = 2):
+def _train(data: Path, work: Path, *configs: str, epochs: int = 2, extra: tuple = ()):
     files = str(["configs/train.json", *configs])
     args = ["training", "--config_file", files, "--bundle_root", str(work), "--dataset_dir", str(data),
             "--output_dir", str(work / "runs"), "--ckpt_dir", str(work / "models"),
-            "--slice_size", SLICE, "--patch_size", PATCH, "--epochs", str(epochs), *SHORT]
+            "--slice_size", SLICE, "--patch_size", PATCH, "--epochs", str(epochs), *SHORT, *extra]
     return run_bundle(*args)
 
 
@@ -113,6 +113,15 @@ def test_second_training_on_cleansed_labels_with_repair_options(trained, phantom
     assert [r["epoch"] for r in store["rounds"]] == [1, 2, 1]
     assert torch.equal(store["actions"][:2], first["actions"])
     assert "repaired_structures" in store["rounds"][-1]
+
+
+def test_soft_dice_training_leaves_out_the_classes_y_prime_does_not_hold(phantom, tmp_path):
+    """Under soft Dice the default turns cleansed_absent_unknown on and says so; the pseudo term then reads the
+    classes Y' states through dataset, batch and loss for two epochs after the first round."""
+    proc = _train(phantom, tmp_path, "configs/quick.json", epochs=3, extra=("--train_loss#kind", "dice"))
+    _ok(proc)
+    assert "cleansed_absent_unknown='auto': on for a SegmentationLoss(kind='dice')" in proc.stdout + proc.stderr
+    assert [r["epoch"] for r in _state(tmp_path / "runs")["store"]["rounds"]] == [1, 2, 3]
 
 
 def test_baseline_training(phantom, tmp_path):

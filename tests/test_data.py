@@ -25,6 +25,7 @@ from scripts.data import (
     spread_subjects,
 )
 from scripts.losses import ALL_CLASS_BITS
+from scripts.ignore_index import IGNORE_INDEX
 from scripts.store import PseudoLabelStore
 
 LOAD = Compose([LoadImaged(keys=["image", "label"], image_only=True, ensure_channel_first=True)])
@@ -368,6 +369,19 @@ def test_each_sample_carries_the_classes_of_its_whole_manual_slice(acdc_dir):
     bits = [ds[i]["classes_known"] for i in range(len(ds))]
     assert bits == [sum(1 << (int(c) - 1) for c in lab.unique().tolist() if c > 0) for lab in labels]
     assert bits[1] == 0 and any(bits)
+    # Y' states every class where it is the manual label, only the classes it holds on a cleansed slice
+    drawn = next(i for i, b in enumerate(bits) if b & 1 and b & 4)  # a slice with RV and LV
+    assert ds[drawn]["pseudo_known"] == 0  # Y' not made yet (zeros): it holds nothing
+    store.labels[drawn] = labels[drawn]
+    assert ds[drawn]["pseudo_known"] == ALL_CLASS_BITS
+    pseudo = labels[drawn].clone()
+    pseudo[pseudo == 1] = IGNORE_INDEX
+    store.labels[drawn] = pseudo
+    assert ds[drawn]["pseudo_known"] == bits[drawn] & ~1
+    store.labels[1] = 0  # the missed slice, cleansed to background: it states nothing
+    assert ds[1]["pseudo_known"] == ALL_CLASS_BITS  # Y' equals its (empty) manual label
+    store.labels[1, :2, :2] = IGNORE_INDEX
+    assert ds[1]["pseudo_known"] == 0
 
 
 # ---------------------------------------------------------------- refuse_existing_outputs

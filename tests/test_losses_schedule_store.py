@@ -467,6 +467,52 @@ def test_pooled_dice_and_supervised_fraction_crafted():
 # ---------------------------------------------------------------- HybridPrepareBatch
 
 
+@pytest.mark.parametrize("kind", ["dice", "dicece"])
+def test_dice_classes_leave_out_a_class_without_changing_the_others(kind):
+    """A class left out of dice_classes adds 0; the kept classes keep their weight and cross-entropy is untouched:
+    the loss is the plain one minus the left-out class's share of the Dice mean, on that sample only."""
+    target = _target(b=2, classes=4, seed=7)
+    target[0][target[0] == 2] = 0  # Y' of sample 0 lost its Myo
+    logits = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(8))
+    loss = SegmentationLoss(kind)
+    keep = torch.ones(2, 4, dtype=torch.bool)
+    keep[0, 2] = False
+    dice_only = SegmentationLoss("dice")
+    per_class = dice_only.multi_dice(logits, target).flatten(1)  # (B, 3) soft Dice per foreground class
+    expected = loss(logits, target) - torch.tensor([per_class[0, 1] / 3, 0.0])
+    torch.testing.assert_close(loss(logits, target, dice_classes=keep), expected)
+    with pytest.raises(ValueError, match="give one"):
+        loss(logits, target, absent_unknown=True, dice_classes=keep)
+
+
+def test_cleansed_absent_unknown_reads_the_classes_y_prime_states():
+    """HybridLoss(cleansed_absent_unknown=True) leaves out the Dice terms of the classes the fourth channel does not
+    state, in the pseudo term only; without that channel it refuses with a message naming the fix."""
+    manual = _target(b=2, classes=4, seed=9)
+    pseudo = manual.clone()
+    pseudo[0][pseudo[0] == 1] = IGNORE_INDEX  # slice 0 was cleansed and its RV contested everywhere
+    logits = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(10))
+    all_bits = (1 << 24) - 1
+    known = torch.tensor([class_bits(pseudo[0]), all_bits])
+    assert known.tolist()[0] & 1 == 0
+    channel = torch.zeros_like(manual)
+    target = torch.cat([manual, pseudo, channel + 7, channel + known.view(-1, 1, 1, 1)], 1)
+    inner = SegmentationLoss("dice")
+    hybrid = HybridLoss(inner, cleansed_absent_unknown=True)
+    hybrid.lambda1, hybrid.lambda2 = 0.0, 1.0
+    expected = inner(logits, pseudo, dice_classes=classes_from_bits(known, 4))
+    torch.testing.assert_close(hybrid(logits, target), expected)
+    assert hybrid(logits, target)[0] < inner(logits, pseudo)[0]  # the absent-RV term is gone from slice 0
+    torch.testing.assert_close(hybrid(logits, target)[1], inner(logits, pseudo)[1])
+    hybrid.lambda1, hybrid.lambda2 = 1.0, 0.0  # the manual term does not read the channel
+    torch.testing.assert_close(hybrid(logits, target), inner(logits, manual))
+    hybrid.lambda1, hybrid.lambda2 = 0.0, 1.0
+    with pytest.raises(ValueError, match="fourth target channel"):
+        hybrid(logits, target[:, :3])
+    with pytest.raises(TypeError, match="cleansed_absent_unknown needs a SegmentationLoss"):
+        HybridLoss(torch.nn.L1Loss(), cleansed_absent_unknown=True)
+
+
 def test_prepare_batch_stacks_pseudo_as_channel_1():
     image = torch.randn(2, 1, 8, 8)
     label = torch.randint(0, 4, (2, 1, 8, 8)).float()
@@ -487,6 +533,9 @@ def test_prepare_batch_stacks_the_slice_classes_as_channel_2():
     assert torch.equal(y[:, 2].flatten(1).amin(1), torch.tensor([5.0, 0.0, 7.0]))
     _, plain = HybridPrepareBatch()(batch, torch.device("cpu"))
     assert plain.shape == (3, 2, 8, 8)
+    _, four = HybridPrepareBatch(slice_flags=True)({**batch, "pseudo_known": torch.tensor([1, 2, 3])},
+                                                   torch.device("cpu"))
+    assert four.shape == (3, 4, 8, 8) and torch.equal(four[:, 3].flatten(1).amin(1), torch.tensor([1.0, 2.0, 3.0]))
     with pytest.raises(KeyError, match="classes_known"):
         HybridPrepareBatch(slice_flags=True)({"image": image, "label": label, "pseudo": pseudo}, torch.device("cpu"))
 
@@ -535,3 +584,14 @@ def test_cleansing_quality_reports_all_slices_and_the_noisy_ones():
     assert (flagged["filter_precision"], flagged["filter_recall"]) == (0.5, 1.0)
     without_noise = cleansing_quality(clean, clean, clean, clean, num_classes=2)
     assert without_noise["dice_manual_vs_clean"] == 1.0 and not any(k.startswith("noisy_") for k in without_noise)
+
+
+def test_cleansed_absent_unknown_auto_follows_the_loss_kind(caplog):
+    """'auto' turns the rule on for soft Dice only, says so in the log, and anything but True/False/'auto' fails."""
+    with caplog.at_level("INFO", logger="scripts.losses"):
+        assert HybridLoss(SegmentationLoss("dice"), cleansed_absent_unknown="auto").cleansed_absent_unknown is True
+        assert HybridLoss(SegmentationLoss("dicece"), cleansed_absent_unknown="auto").cleansed_absent_unknown is False
+    assert "on for a SegmentationLoss(kind='dice')" in caplog.text
+    assert "off for a SegmentationLoss(kind='dicece')" in caplog.text
+    with pytest.raises(ValueError, match="'auto'"):
+        HybridLoss(SegmentationLoss("dice"), cleansed_absent_unknown="yes")
