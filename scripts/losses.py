@@ -253,11 +253,13 @@ class HybridLoss(nn.Module):
                 term = term * labelled.to(term.dtype)
             total = total + self.lambda1 * term
         if self.lambda2 > 0:
-            dice_classes = None
             if self.cleansed_absent_unknown:
                 if target.shape[1] < 4:
                     raise ValueError("HybridLoss(cleansed_absent_unknown=True) needs the classes Y' knows as a fourth "
                                      "target channel: use HybridPrepareBatch(slice_flags=True) with a SliceDataset")
                 dice_classes = classes_from_bits(target[:, 3].flatten(1)[:, 0], max(2, logits.shape[1]))
-            total = total + self.lambda2 * self.loss(logits, pseudo, dice_classes=dice_classes)
+                term = self.loss(logits, pseudo, dice_classes=dice_classes)
+            else:
+                term = self.loss(logits, pseudo)
+            total = total + self.lambda2 * term
         return total

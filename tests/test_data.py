@@ -354,6 +354,11 @@ def test_truly_empty_slices_state_every_class(acdc_dir):
     assert [ds[int(i)]["classes_known"] for i in ids][:2] == [ALL_CLASS_BITS, ALL_CLASS_BITS]
     assert ds[int(ids[3])]["classes_known"] == 0
     assert ds[int(ids[2])]["classes_known"] not in (0, ALL_CLASS_BITS)
+    # cleansed, a slice taken as truly empty still states every class; a missed one only what its Y' holds
+    store.labels[ids[:4]] = 0
+    store.labels[ids[:4], :2, :2] = IGNORE_INDEX
+    assert ds[int(ids[0])]["pseudo_known"] == ALL_CLASS_BITS
+    assert ds[int(ids[3])]["pseudo_known"] == 0
     with pytest.raises(ValueError, match="trusted_empty_run"):
         SliceDataset(records, volume_transform=LOAD, trusted_empty_run=0)
 

@@ -595,3 +595,18 @@ def test_cleansed_absent_unknown_auto_follows_the_loss_kind(caplog):
     assert "off for a SegmentationLoss(kind='dicece')" in caplog.text
     with pytest.raises(ValueError, match="'auto'"):
         HybridLoss(SegmentationLoss("dice"), cleansed_absent_unknown="yes")
+
+
+def test_hybrid_loss_without_the_rule_calls_any_loss_as_before():
+    """With cleansed_absent_unknown off, the pseudo term calls the loss with (logits, target) only, so a loss that
+    is not a SegmentationLoss still works."""
+    manual = _target(b=2, classes=4, seed=11)
+    logits = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(12))
+
+    def plain(x, y):
+        return (x.softmax(1).argmax(1, keepdim=True) != y).float().flatten(1).mean(1)
+
+    hybrid = HybridLoss(plain, cleansed_absent_unknown="auto")
+    hybrid.lambda1, hybrid.lambda2 = 0.0, 1.0
+    target = torch.cat([manual, manual, torch.zeros_like(manual), torch.zeros_like(manual)], 1)
+    torch.testing.assert_close(hybrid(logits, target), plain(logits, manual))
