@@ -223,7 +223,8 @@ class HybridLoss(nn.Module):
             logger.info(f"cleansed_absent_unknown='auto': {'on' if cleansed_absent_unknown else 'off'} for a "
                         f"{type(self.loss).__name__}(kind={getattr(self.loss, 'kind', None)!r})")
         elif not isinstance(cleansed_absent_unknown, bool):
-            raise ValueError(f"cleansed_absent_unknown is True, False or 'auto', got {cleansed_absent_unknown!r}")
+            raise ValueError(f"cleansed_absent_unknown is True, False or 'auto', got {cleansed_absent_unknown!r} "
+                             "(on the command line write True or False: a lowercase word arrives as text)")
         for name, wanted in (("absent_unknown_manual", absent_unknown_manual),
                              ("cleansed_absent_unknown", cleansed_absent_unknown)):
             if wanted and not isinstance(self.loss, SegmentationLoss):
