@@ -384,8 +384,7 @@ class SliceDataset(Dataset):
         """The classes each manual slice states (``classes_known``), once per label set rather than per read: the
         classes it draws, or every class on a slice taken as truly empty (``trusted_empty_run``), logged."""
         labels = self.labels()
-        self.classes_drawn = torch.tensor([class_bits(lab) for lab in labels], dtype=torch.long)
-        self.classes_known = self.classes_drawn.clone()
+        self.classes_known = torch.tensor([class_bits(lab) for lab in labels], dtype=torch.long)
         if self.trusted_empty_run is None:
             return
         truly_empty = empty_end_runs(labels, [v["n_slices"] for v in self.volume_info], self.trusted_empty_run)
@@ -438,10 +437,9 @@ class SliceDataset(Dataset):
         """The classes Y' states for ``HybridLoss(cleansed_absent_unknown=True)``, as :func:`class_bits`: every
         class where Y' is the manual label; on a cleansed slice, those it holds, plus every class when the manual
         slice is taken as truly empty."""
-        if torch.equal(pseudo, manual.to(pseudo.dtype)):
+        if self.classes_known[index] == ALL_CLASS_BITS or torch.equal(pseudo, manual.to(pseudo.dtype)):
             return ALL_CLASS_BITS
-        known = int(self.classes_known[index])
-        return class_bits(pseudo) | (known & ~int(self.classes_drawn[index]))
+        return class_bits(pseudo)
 
     def _transform(self, index: int):
         sample = dict(self.data[index])

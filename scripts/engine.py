@@ -51,11 +51,9 @@ class HybridPrepareBatch(PrepareBatch):
             if "classes_known" not in batchdata:
                 raise KeyError("HybridPrepareBatch(slice_flags=True) needs a 'classes_known' key in the batch, "
                                "which scripts.data.SliceDataset adds when a pseudo-label store is attached")
-            bits = torch.as_tensor(_plain(batchdata["classes_known"]), device=label.device).to(label.dtype)
-            channels.append(bits.reshape(-1, *[1] * (label.ndim - 1)).expand_as(label))
-            if "pseudo_known" in batchdata:
-                known = torch.as_tensor(_plain(batchdata["pseudo_known"]), device=label.device).to(label.dtype)
-                channels.append(known.reshape(-1, *[1] * (label.ndim - 1)).expand_as(label))
+            for key in [k for k in ("classes_known", "pseudo_known") if k in batchdata]:
+                bits = torch.as_tensor(_plain(batchdata[key]), device=label.device).to(label.dtype)
+                channels.append(bits.reshape(-1, *[1] * (label.ndim - 1)).expand_as(label))
         return image, torch.cat(channels, dim=1)
 
 
