@@ -23,7 +23,8 @@ from scripts.metrics import noisy_slices
 from scripts.slice_pass import eval_mode
 from scripts.sources import GridPrototypes
 
-__all__ = ["CleansingLogger", "DiceReport", "MetricsHistory", "CleansingImages", "TrainingProgress", "loss_value"]
+__all__ = ["CleansingLogger", "DiceReport", "MetricsHistory", "CleansingImages", "TrainingProgress", "loss_value",
+           "round_losses"]
 
 
 def _trim_csv(path: str | None, epoch: int) -> int:
@@ -115,6 +116,8 @@ class CleansingLogger:
             msg += f"; GMM-1: {s['manual_filter_status']}"
         elif "gmm1_separation" in s:
             msg += f"; GMM-1 separation {s['gmm1_separation']:.2f}"
+        if s.get("gmm1_saturated"):
+            msg += f" ({s['gmm1_saturated']} saturated losses Noisy, GMM-1 fitted to the others)"
         if "filter_precision" in s:
             msg += (f"; filter precision {s['filter_precision']:.3f} recall {s['filter_recall']:.3f}; Dice vs clean:"
                     f" Y {s['dice_manual_vs_clean']:.3f}, Y' {s['dice_pseudo_vs_clean']:.3f}, "
@@ -222,7 +225,8 @@ class MetricsHistory:
 class CleansingImages:
     """Write pictures of each cleansing round to ``output_dir`` as PNG (and to TensorBoard when a writer is given):
     the GMM fits over the loss histograms, grid representation maps of a few cleansed samples (Fig. 3 of the
-    paper) and those samples' labels before and after cleansing (Fig. 7).
+    paper) and those samples' labels before and after cleansing (Fig. 7). The numbers behind the GMM figure go to
+    ``round_XX_losses.csv``, one row per sample, so a filter can be studied again without retraining.
 
     Args:
         cleansing: the :class:`SelfCleansing` handler whose rounds are drawn (its network, data and store).
@@ -275,6 +279,7 @@ class CleansingImages:
         true_noisy = noisy_slices(manual, clean) if clean is not None else None
         self._emit(f"{tag}_gmm_manual", gmm_figure(rnd.manual_loss, rnd.manual_filter, "GMM-1 on L(ŷ, y)",
                                                     true_noisy), rnd.epoch)
+        _rewrite_csv(os.path.join(self.output_dir, f"{tag}_losses.csv"), *round_losses(rnd, true_noisy))
         ids = torch.nonzero(rnd.actions == CLEANSE).flatten()[: self.n_examples]
         if len(ids) == 0:
             return
@@ -288,6 +293,19 @@ class CleansingImages:
             rows["clean"] = clean[ids]
         rows.update({"manual": manual[ids], "prediction": rnd.prediction[ids], "pseudo (LCM)": rnd.candidates[ids]})
         self._emit(f"{tag}_pseudo_labels", pseudo_label_figure(images, rows), rnd.epoch)
+
+
+def round_losses(rnd: CleansingRound, true_noisy: torch.Tensor | None = None) -> tuple[list[str], list[dict]]:
+    """One row per sample of a round: its losses against Y and Y', the clean posteriors of GMM-1 and GMM-2, the
+    action taken and, when the clean labels are known, whether its manual label is truly noisy."""
+    columns = {"manual_loss": rnd.manual_loss, "pseudo_loss": rnd.pseudo_loss,
+               "manual_clean_prob": rnd.manual_filter.clean_prob, "pseudo_clean_prob": rnd.pseudo_clean_prob,
+               "action": rnd.actions}
+    if true_noisy is not None:
+        columns["truly_noisy"] = true_noisy
+    columns = {k: v.tolist() for k, v in columns.items()}
+    fields = ["sample", *columns]
+    return fields, [{"sample": i, **{k: v[i] for k, v in columns.items()}} for i in range(len(rnd.actions))]
 
 
 def loss_value(output, key: str = "loss") -> float:

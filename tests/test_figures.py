@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import matplotlib
 import numpy as np
 import pytest
@@ -114,8 +116,16 @@ def test_a_round_writes_its_pictures(tmp_path):
     CleansingImages(handler, str(tmp_path / "cleansing"), n_examples=2, class_names=["disc"],
                     summary_writer=writer)(engine)
     names = sorted(p.name for p in (tmp_path / "cleansing").iterdir())
-    assert names == ["round_01_gmm_manual.png", "round_01_pseudo_labels.png", "round_01_representation.png"]
-    for name in names:
+    assert names == ["round_01_gmm_manual.png", "round_01_losses.csv", "round_01_pseudo_labels.png",
+                     "round_01_representation.png"]
+    with open(tmp_path / "cleansing" / "round_01_losses.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["sample"]) for r in rows] == list(range(len(ds)))
+    assert [float(r["manual_loss"]) for r in rows] == pytest.approx(rnd.manual_loss.tolist())
+    assert [int(r["action"]) for r in rows] == rnd.actions.tolist()
+    # the missed slices are the truly noisy ones, and the table says so
+    assert [i for i, r in enumerate(rows) if r["truly_noisy"] == "True"] == [1, 9, 17]
+    for name in (n for n in names if n.endswith(".png")):
         assert (tmp_path / "cleansing" / name).read_bytes()[:8] == PNG_MAGIC
     assert [(tag, step, fmt) for tag, _, step, fmt in writer.images] == [
         ("gmm_manual", 3, "HWC"), ("representation", 3, "HWC"), ("pseudo_labels", 3, "HWC")]

@@ -11,8 +11,11 @@ from scripts.filtering import (
     FilterResult,
     cascade,
     filter_precision_recall,
+    LabelFilter,
     gmm_filter,
     normalise_losses,
+    gmm_filter_peeled,
+    saturated_pile,
 )
 
 
@@ -154,3 +157,79 @@ def test_separation_tells_two_populations_from_one_skewed_one():
     assert skewed.status == "ok" and skewed.separation < two.separation / 2
     assert two.summary()["separation"] == two.separation
     assert math.isnan(gmm_filter(torch.rand(3)).separation)  # too few samples: nothing fitted
+
+
+def _with_saturated_pile(seed=0):
+    """Correct labels (low loss), wrong ones (middle) and a pile of labels the prediction misses altogether (the
+    largest loss, all but equal): the last two are noisy."""
+    rng = np.random.default_rng(seed)
+    losses = np.concatenate([rng.normal(0.15, 0.05, 150), rng.normal(0.55, 0.07, 60), 1 - rng.uniform(0, 1e-4, 80)])
+    true_noisy = np.r_[np.zeros(150, bool), np.ones(140, bool)]
+    return torch.tensor(losses), torch.from_numpy(true_noisy)
+
+
+def test_a_saturated_pile_hides_the_wrong_labels_from_one_fit():
+    recalls = []
+    for seed in range(6):
+        losses, true_noisy = _with_saturated_pile(seed)
+        precision, recall = filter_precision_recall(gmm_filter(losses).noisy, true_noisy)
+        assert precision == 1.0
+        recalls.append(recall)
+    # in most draws the Noisy component is the pile and little else (80 of the 140 noisy samples)
+    assert sum(r <= 0.75 for r in recalls) >= 3, recalls
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_peeling_the_pile_finds_the_wrong_labels_too(seed):
+    losses, true_noisy = _with_saturated_pile(seed)
+    assert torch.equal(saturated_pile(losses), torch.arange(290) >= 210)
+    peeled = gmm_filter_peeled(losses)
+    precision, recall = filter_precision_recall(peeled.noisy, true_noisy)
+    assert precision >= 0.97 and recall >= 0.97
+    assert peeled.status == "ok" and peeled.extra["saturated"] == 80
+    assert (peeled.clean_prob[210:] == 0).all() and (peeled.clean_prob[150:210] < 0.5).all()
+
+
+def test_a_peeled_fit_is_drawn_in_the_units_of_all_losses():
+    losses, _ = _with_saturated_pile()
+    peeled = gmm_filter_peeled(losses)
+    rest = gmm_filter(losses[:210])
+    lo, hi = float(losses.min()), float(losses.max())
+    assert (peeled.loss_min, peeled.loss_max) == (lo, hi)
+    # the Clean component's mean, mapped back to raw units, is the rest fit's
+    raw_mean = lambda r: r.loss_min + r.means[0] * (r.loss_max - r.loss_min)  # noqa: E731
+    assert raw_mean(peeled) == pytest.approx(raw_mean(rest))
+    assert sum(peeled.weights) == pytest.approx(210 / 290)
+    # so the histogram of all losses and the drawn densities have the same mass
+    x = np.linspace(-0.2, 1.2, 4001)
+    assert float(sum(peeled.component_pdfs(x)).sum() * (x[1] - x[0])) == pytest.approx(210 / 290, rel=1e-3)
+
+
+def test_without_a_pile_peeling_changes_nothing():
+    losses, _ = _two_populations()
+    assert not saturated_pile(losses).any()
+    plain, peeled = gmm_filter(losses), gmm_filter_peeled(losses)
+    assert torch.equal(plain.clean, peeled.clean) and plain.means == peeled.means and "saturated" not in peeled.extra
+    # a single largest loss is no pile, nor are losses that are all at the top
+    assert not saturated_pile(torch.tensor([0.1, 0.2, 0.3, 0.2, 0.1, 0.9])).any()
+    assert not saturated_pile(torch.tensor([0.99999, 1.0, 0.999995])).any()
+
+
+def test_a_pile_over_one_population_leaves_that_population_clean():
+    """Correct labels only besides the pile, too few of them to fit: they stay Clean and the pile is Noisy."""
+    rng = np.random.default_rng(3)
+    losses = torch.tensor(np.r_[rng.normal(0.2, 0.05, 6), np.ones(10)])
+    peeled = gmm_filter_peeled(losses)
+    assert peeled.status == "too_few_samples" and not peeled.fitted
+    assert torch.equal(peeled.noisy, torch.arange(16) >= 6)
+
+
+def test_label_filter_peels_only_when_asked_and_says_so():
+    losses, true_noisy = _with_saturated_pile(1)
+    has = torch.zeros(losses.numel(), dtype=torch.bool)
+    plain, peeled = LabelFilter()(losses, losses, has), LabelFilter(peel_saturated=True)(losses, losses, has)
+    assert plain.summary()["gmm1_saturated"] == 0 and peeled.summary()["gmm1_saturated"] == 80
+    assert filter_precision_recall(plain.manual.noisy, true_noisy)[1] < 0.75
+    assert filter_precision_recall(peeled.manual.noisy, true_noisy)[1] >= 0.97
+    assert (peeled.actions[true_noisy] != KEEP_MANUAL).all()
+    assert "peel_saturated=True" in repr(LabelFilter(peel_saturated=True))
