@@ -267,36 +267,38 @@ def gmm_filter(
     )
 
 
-def saturated_pile(losses: torch.Tensor, tol: float = 0.01, min_share: float = 0.05) -> torch.Tensor:
-    """(N,) bool: the samples whose loss lies within ``tol`` of the largest (in normalised units), when they are at
-    least ``min_share`` of all samples and more than one; all False when they are fewer, or all of them.
+def saturated_pile(losses: torch.Tensor, tol: float = 0.01) -> torch.Tensor:
+    """(N,) bool: the samples whose loss lies within ``tol`` of the largest, in normalised units (none for a
+    constant vector)."""
+    x = normalise_losses(losses)
+    return x >= 1 - tol if x.numel() and float(x.max()) > 0 else torch.zeros(x.numel(), dtype=torch.bool)
+
+
+def gmm_filter_peeled(losses: torch.Tensor, tol: float = 0.01, min_share: float = 0.05, pile_share: float = 0.9,
+                      **gmm_kwargs) -> FilterResult:
+    """:func:`gmm_filter`, fitted again without the saturated losses when its Noisy side is only those.
 
     Samples whose prediction misses their label altogether (a missed slice, a structure drawn where there is none)
-    all reach the largest loss the criterion gives and pile up there as a point mass. A two-component mixture fitted
-    with them spends its Noisy component on the pile, and the merely wrong labels, between the pile and the correct
-    ones, fall to the Clean side (ACDC, Dice + CE, collapse profile: recall 0.57 with every Noisy call right).
-    """
-    x = normalise_losses(losses)
-    pile = x >= 1 - tol
-    if x.numel() == 0 or bool(pile.all()) or int(pile.sum()) < max(2.0, min_share * x.numel()):
-        return torch.zeros(x.numel(), dtype=torch.bool)
-    return pile
+    all reach the largest loss the criterion gives and pile up there (:func:`saturated_pile`). When the pile is
+    large, a two-component mixture may spend its Noisy component on it alone, and the merely wrong labels, between
+    the pile and the correct ones, fall to the Clean side (ACDC, Dice + CE, collapse profile: recall 0.57, every
+    Noisy call right). So when at least ``pile_share`` of the samples called Noisy lie in the pile and the pile holds
+    at least ``min_share`` of all samples, the pile stays Noisy and the mixture is fitted to the other samples.
+    Otherwise the first fit is returned unchanged.
 
-
-def gmm_filter_peeled(losses: torch.Tensor, tol: float = 0.01, min_share: float = 0.05, **gmm_kwargs) -> FilterResult:
-    """:func:`gmm_filter` with a saturated pile (:func:`saturated_pile`) taken out first: the pile is Noisy and the
-    mixture is fitted to the other samples. Without a pile it is :func:`gmm_filter` itself.
-
-    The fit's parameters are returned in the normalised units of all the losses, its weights scaled by the share
-    of samples it saw, so figures draw it over the histogram of all of them; ``status`` is the fit's (a fit that
-    cannot split leaves the others Clean, as :func:`gmm_filter` would); ``extra["saturated"]`` is the pile's size.
+    A refitted result gives its parameters in the normalised units of all the losses, its weights scaled by the
+    share of samples it saw, so figures draw it over the histogram of all of them; ``status`` is the refit's (one
+    that cannot split leaves the others Clean); ``extra["saturated"]`` is the pile's size.
     """
     raw = _as_loss_vector(losses)
-    pile = saturated_pile(raw, tol, min_share)
-    if not pile.any():
-        return gmm_filter(raw, **gmm_kwargs)
+    first = gmm_filter(raw, **gmm_kwargs)
+    pile = saturated_pile(raw, tol)
+    flagged = first.noisy
+    if (first.status != STATUS_OK or int(pile.sum()) < max(2.0, min_share * raw.numel())
+            or int((pile & flagged).sum()) < pile_share * int(flagged.sum())):
+        return first
     rest = gmm_filter(raw[~pile], **gmm_kwargs)
-    lo, hi = float(raw.min()), float(raw.max())
+    lo, hi = first.loss_min, first.loss_max
     clean, clean_prob = torch.zeros_like(pile), torch.zeros(pile.numel(), dtype=torch.float64)
     clean[~pile], clean_prob[~pile] = rest.clean, rest.clean_prob
     params = {}
@@ -420,9 +422,10 @@ class LabelFilter:
             so a manual-Noisy sample would keep an empty target forever.
         refresh: re-cleanse every manual-Noisy sample each round, ignoring GMM-2, so early pseudo-labels made by a
             weak network do not freeze.
-        peel_saturated: a pile of saturated losses (labels the prediction misses altogether) is Noisy and GMM-1 is
-            fitted to the other samples (:func:`gmm_filter_peeled`); the round's log gives the pile's size
-            (``gmm1_saturated``, 0 when there was none).
+        peel_saturated: when GMM-1 calls Noisy only the pile of saturated losses (labels the prediction misses
+            altogether), the pile stays Noisy and GMM-1 is fitted again to the other samples
+            (:func:`gmm_filter_peeled`); the round's log gives the pile's size (``gmm1_saturated``, 0 when GMM-1 was
+            fitted once).
         seed: ``random_state`` of both fits.
     """
 

