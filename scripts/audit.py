@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import allow_missing_keys_mode
 
+from scripts.flags import as_flag
 from scripts.geometry import load_weights
 from scripts.handlers import CleansingRound, SelfCleansing
 from scripts.metrics import noisy_slices
@@ -77,8 +78,8 @@ def run_audit(network: torch.nn.Module, dataset, checkpoint: str, output_dir: st
               overwrite: bool = False, **cleansing_kwargs) -> Path:
     """Audit ``dataset`` (a :class:`scripts.data.SliceDataset`) with the network weights in ``checkpoint``."""
     out = Path(output_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"audit folder {out} is not empty; pass --overwrite true or choose another folder")
+    if out.exists() and any(out.iterdir()) and not as_flag(overwrite, "overwrite"):
+        raise FileExistsError(f"audit folder {out} is not empty; pass --overwrite True or choose another folder")
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     network.load_state_dict(load_weights(checkpoint))

@@ -15,6 +15,8 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 
+from scripts.flags import as_flag
+
 __all__ = ["RandomStates", "BestModelState", "TrainingState", "ModuleState", "latest_checkpoint"]
 
 
@@ -118,7 +120,7 @@ class TrainingState:
         self.transform = transform
         if evaluator is not None:
             self.save_dict["best_model"] = BestModelState(evaluator, best_model_saver)
-        self.n_saved, self.resume, self.prefix = n_saved, resume, prefix
+        self.n_saved, self.resume, self.prefix = n_saved, as_flag(resume, "resume"), prefix
         self.logger = logging.getLogger(self.__class__.__name__)
 
     def latest(self) -> str | None:
@@ -152,7 +154,7 @@ class TrainingState:
 
 class ModuleState:
     """Checkpoint extra modules (a second network, a quality network) every ``interval`` epochs next to the
-    bundle's ``state_*.pt``, and restore them on ``--resume true``.
+    bundle's ``state_*.pt``, and restore them on ``--resume True``.
 
     Attach it *after* :class:`TrainingState` (configs append it with ``+train#handlers``): the
     trainer's epoch is restored by then, and the extra checkpoint of that same epoch is loaded; a missing or
@@ -161,7 +163,7 @@ class ModuleState:
 
     def __init__(self, save_dir: str, save_dict: dict, resume: bool = False, prefix: str = "extra",
                  interval: int = 1) -> None:
-        self.save_dir, self.save_dict, self.resume = save_dir, dict(save_dict), resume
+        self.save_dir, self.save_dict, self.resume = save_dir, dict(save_dict), as_flag(resume, "resume")
         self.prefix, self.interval = prefix, int(interval)
         self.logger = logging.getLogger(self.__class__.__name__)
 

@@ -22,6 +22,7 @@ import torch
 from monai.data import Dataset, get_track_meta, set_track_meta
 from monai.transforms import apply_transform
 
+from scripts.flags import as_flag
 from scripts.ignore_index import IGNORE_INDEX
 from scripts.losses import ALL_CLASS_BITS, class_bits
 from scripts.noise import oracle_labels, simulate_label_noise
@@ -520,6 +521,7 @@ def refuse_existing_outputs(records: Sequence[dict], output_dir: str, postfix: s
                             overwrite: bool = False) -> list[dict]:
     """Stop before any work when an output would replace an input, another output of this run or, unless
     ``overwrite``, an earlier result."""
+    overwrite = as_flag(overwrite, "overwrite")
     inputs = {Path(r["image"]).resolve() for r in records}
     clashes = []
     planned: dict[Path, str] = {}
@@ -536,7 +538,7 @@ def refuse_existing_outputs(records: Sequence[dict], output_dir: str, postfix: s
             clashes.append(str(out))
     if clashes:
         raise FileExistsError(
-            f"{len(clashes)} output file(s) already exist, e.g. {clashes[0]}; pass --overwrite true to replace "
+            f"{len(clashes)} output file(s) already exist, e.g. {clashes[0]}; pass --overwrite True to replace "
             f"them or choose another --output_dir"
         )
     return list(records)

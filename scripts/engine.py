@@ -7,6 +7,8 @@ from ignite.engine import EventEnum
 from monai.data import MetaTensor
 from monai.engines import PrepareBatch, default_prepare_batch
 
+from scripts.flags import as_flag
+
 __all__ = ["AttachHandler", "CleansingEvents", "HybridPrepareBatch"]
 
 
@@ -38,7 +40,7 @@ class HybridPrepareBatch(PrepareBatch):
     """
 
     def __init__(self, slice_flags: bool = False) -> None:
-        self.slice_flags = bool(slice_flags)
+        self.slice_flags = as_flag(slice_flags, "slice_flags")
 
     def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
         image, label = (_plain(t) for t in default_prepare_batch(batchdata, device, non_blocking, **kwargs))

@@ -35,6 +35,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
+from scripts.flags import as_flag
 from scripts.losses import SegmentationLoss
 
 __all__ = [
@@ -432,9 +433,10 @@ class LabelFilter:
     def __init__(self, loss=None, enabled: bool = True, unlabelled_as_noisy: bool = True, refresh: bool = False,
                  peel_saturated: bool = False, seed: int = 0) -> None:
         self.loss = loss if loss is not None else SegmentationLoss("dice")
-        self.enabled, self.seed = bool(enabled), int(seed)
-        self.unlabelled_as_noisy, self.refresh = bool(unlabelled_as_noisy), bool(refresh)
-        self.peel_saturated = bool(peel_saturated)
+        self.enabled, self.seed = as_flag(enabled, "label_filter#enabled"), int(seed)
+        self.unlabelled_as_noisy = as_flag(unlabelled_as_noisy, "label_filter#unlabelled_as_noisy")
+        self.refresh = as_flag(refresh, "label_filter#refresh")
+        self.peel_saturated = as_flag(peel_saturated, "label_filter#peel_saturated")
 
     def __repr__(self) -> str:
         return (f"LabelFilter(enabled={self.enabled}, unlabelled_as_noisy={self.unlabelled_as_noisy}, "

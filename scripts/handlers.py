@@ -19,6 +19,7 @@ from ignite.engine import Engine, Events
 
 from scripts.engine import CleansingEvents
 from scripts.filtering import CLEANSE, KEEP_MANUAL, FilterResult, LabelFilter
+from scripts.flags import as_flag
 from scripts.losses import HybridLoss, probabilities
 from scripts.metrics import cleansing_quality
 from scripts.repair import adjacent_labels
@@ -131,7 +132,7 @@ class SelfCleansing:
         self.rules = rules if rules is not None else TargetRules()
         self.label_filter = label_filter if label_filter is not None else LabelFilter()
         self.slice_pass = slice_pass if slice_pass is not None else SlicePass()
-        self.enabled = enabled
+        self.enabled = as_flag(enabled, "cleansing#enabled")
         self.logger = logging.getLogger(self.__class__.__name__)
 
     def attach(self, engine: Engine) -> None:

@@ -21,6 +21,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from scripts.competitors import split_logits
+from scripts.flags import as_flag
 from scripts.ignore_index import IGNORE_INDEX
 
 __all__ = ["joint_pixel_loss", "small_loss_mask", "class_balanced_weights", "JoCoRLoss", "ForgetRateSchedule",
@@ -139,8 +140,8 @@ class JoCoRLoss(nn.Module):
         if not 0.0 <= co_lambda <= 1.0:
             raise ValueError(f"co_lambda must lie in [0, 1], got {co_lambda}")
         self.co_lambda, self.label_channel = float(co_lambda), int(label_channel)
-        self.supervised_loss, self.per_class = supervised_loss, bool(per_class)
-        self.class_balanced = bool(class_balanced)
+        self.supervised_loss, self.per_class = supervised_loss, as_flag(per_class, "select_per_class")
+        self.class_balanced = as_flag(class_balanced, "class_balanced")
         self.forget_rate = (0.0, 0.0)
         # the "auto" noise estimate (background, foreground) of ForgetRateSchedule; a buffer, so it is saved with
         # the loss's state_dict

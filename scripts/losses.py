@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
+from scripts.flags import as_flag
 from scripts.ignore_index import IGNORE_INDEX
 
 __all__ = ["ALL_CLASS_BITS", "class_bits", "classes_from_bits", "SegmentationLoss", "HybridLoss", "probabilities",
@@ -50,7 +51,7 @@ class SegmentationLoss(nn.Module):
         if kind not in ("dice", "dicece"):
             raise ValueError(f"unknown loss kind '{kind}': use 'dice' or 'dicece'")
         self.kind, self.ce_weight, self.ignore_index = kind, ce_weight, ignore_index
-        self.absent_agreement = bool(absent_agreement)
+        self.absent_agreement = as_flag(absent_agreement, "absent_agreement")
         self.binary_dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr)
         self.multi_dice = DiceLoss(softmax=True, to_onehot_y=True, include_background=False, reduction="none",
                                    smooth_nr=smooth_nr, smooth_dr=smooth_dr)
@@ -218,13 +219,14 @@ class HybridLoss(nn.Module):
                  absent_unknown_manual: bool = False, cleansed_absent_unknown: bool | str = False) -> None:
         super().__init__()
         self.loss = loss if loss is not None else SegmentationLoss()
+        ignore_empty_manual = as_flag(ignore_empty_manual, "ignore_empty_manual")
+        absent_unknown_manual = as_flag(absent_unknown_manual, "absent_unknown_manual")
         if cleansed_absent_unknown == "auto":
             cleansed_absent_unknown = getattr(self.loss, "kind", None) == "dice"
             logger.info(f"cleansed_absent_unknown='auto': {'on' if cleansed_absent_unknown else 'off'} for a "
                         f"{type(self.loss).__name__}(kind={getattr(self.loss, 'kind', None)!r})")
-        elif not isinstance(cleansed_absent_unknown, bool):
-            raise ValueError(f"cleansed_absent_unknown is True, False or 'auto', got {cleansed_absent_unknown!r} "
-                             "(on the command line write True or False: a lowercase word arrives as text)")
+        else:
+            cleansed_absent_unknown = as_flag(cleansed_absent_unknown, "cleansed_absent_unknown (or 'auto')")
         for name, wanted in (("absent_unknown_manual", absent_unknown_manual),
                              ("cleansed_absent_unknown", cleansed_absent_unknown)):
             if wanted and not isinstance(self.loss, SegmentationLoss):

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from scripts.flags import as_flag
 from scripts.losses import probabilities
 from scripts.network import unwrap
 
@@ -49,7 +50,7 @@ class SlicePass:
     def __init__(self, batch_size: int = 8, flip_average: bool = False) -> None:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size, self.flip_average = int(batch_size), bool(flip_average)
+        self.batch_size, self.flip_average = int(batch_size), as_flag(flip_average, "slice_pass#flip_average")
 
     def __repr__(self) -> str:
         return f"SlicePass(batch_size={self.batch_size}, flip_average={self.flip_average})"

@@ -27,6 +27,7 @@ from skimage.segmentation import slic
 
 from scripts.competitors import predict_slices
 from scripts.engine import HybridPrepareBatch
+from scripts.flags import as_flag
 from scripts.jocor import JoCoRLoss
 from scripts.store import PseudoLabelStore
 
@@ -239,7 +240,7 @@ class SuperpixelRefinement:
         self.networks, self.dataset, self.store, self.loss = list(networks), dataset, store, loss
         self.start_epoch, self.patience = int(start_epoch), int(patience)
         self.interval = None if interval is None else int(interval)
-        self.budget, self.conf_thres = bool(budget), float(conf_thres)
+        self.budget, self.conf_thres = as_flag(budget, "refine_budget"), float(conf_thres)
         self.pixels_per_segment, self.compactness = float(pixels_per_segment), float(compactness)
         self.batch_size = int(batch_size)
         self.enabled = enabled

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from scripts.flags import as_flag
 from scripts.ignore_index import IGNORE_INDEX
 from scripts.repair import near_foreground, offset_repair
 
@@ -64,6 +65,8 @@ class TargetRules:
     repair_radius: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("agreement", "neighbour_fill", "ignore_empty", "ignore_drawn"):
+            object.__setattr__(self, name, as_flag(getattr(self, name), f"rules#{name}"))
         if self.ignore_empty and self.empty_fill is not None:
             raise ValueError("ignore_empty and empty_fill exclude each other: a slice with an empty label is either "
                              "left out or filled")
