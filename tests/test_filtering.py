@@ -224,13 +224,19 @@ def test_without_a_pile_peeling_changes_nothing():
     assert not saturated_pile(torch.full((5,), 0.4)).any()
 
 
-def test_a_pile_over_one_population_leaves_that_population_clean():
-    """Correct labels only besides the pile, too few of them to fit: they stay Clean and the pile is Noisy."""
+def test_the_first_fit_stays_when_the_others_do_not_split_cleanly():
+    """Besides the pile, correct and wrong labels that overlap in loss (early in training): the second fit would
+    flag many correct labels, so the first fit is kept; likewise when too few samples are left to fit."""
     rng = np.random.default_rng(3)
-    losses = torch.tensor(np.r_[rng.normal(0.2, 0.05, 6), np.ones(10)])
-    peeled = gmm_filter_peeled(losses)
-    assert peeled.status == "too_few_samples" and not peeled.fitted
-    assert torch.equal(peeled.noisy, torch.arange(16) >= 6)
+    overlapping = torch.tensor(np.r_[rng.normal(0.40, 0.15, 150), rng.normal(0.62, 0.15, 60), np.ones(80)])
+    once = gmm_filter(overlapping)
+    assert (saturated_pile(overlapping) & once.noisy).sum() >= 0.9 * once.n_noisy  # the pile is all it flags
+    assert gmm_filter(overlapping[:210]).separation < 3
+    kept = gmm_filter_peeled(overlapping)
+    assert torch.equal(kept.clean, once.clean) and "saturated" not in kept.extra
+    assert gmm_filter_peeled(overlapping, min_refit_separation=0.0).extra["saturated"] == 80
+    few = torch.tensor(np.r_[rng.normal(0.2, 0.05, 6), np.ones(10)])
+    assert torch.equal(gmm_filter_peeled(few).clean, gmm_filter(few).clean)
 
 
 def test_label_filter_peels_only_when_asked_and_says_so():
