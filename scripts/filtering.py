@@ -307,10 +307,11 @@ def gmm_filter_peeled(losses: torch.Tensor, tol: float = 0.01, min_share: float 
     lo, hi = first.loss_min, first.loss_max
     clean, clean_prob = torch.zeros_like(pile), torch.zeros(pile.numel(), dtype=torch.float64)
     clean[~pile], clean_prob[~pile] = rest.clean, rest.clean_prob
-    scale, share = (rest.loss_max - rest.loss_min) / (hi - lo), float((~pile).double().mean())
+    # the second fit's units, (x - rest.loss_min) / its range, mapped onto those of all the losses
+    scale, offset = (rest.loss_max - rest.loss_min) / (hi - lo), (rest.loss_min - lo) / (hi - lo)
+    share = float((~pile).double().mean())
     return replace(rest, clean=clean, clean_prob=clean_prob, loss_min=lo, loss_max=hi,
-                   means=tuple((m * (rest.loss_max - rest.loss_min) + rest.loss_min - lo) / (hi - lo)
-                               for m in rest.means),
+                   means=tuple(m * scale + offset for m in rest.means),
                    variances=tuple(v * scale ** 2 for v in rest.variances),
                    weights=tuple(w * share for w in rest.weights),
                    extra={**rest.extra, "saturated": int(pile.sum())})
