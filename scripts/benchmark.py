@@ -93,32 +93,56 @@ def run_cell(out: Path, name: str, configs: list[str], overrides: dict, extra_ar
     return result
 
 
-def finished_cells(out: Path) -> list[dict]:
-    """The ``result.json`` rows of every finished cell in ``out``, in table order (noise level as in ``NOISE``, then
-    loss, method as registered, variants by name, seed): the tables show every cell a folder holds, not only those
-    of the latest command, so a grid run in several commands still ends in one set of tables."""
-    rows = [json.loads(f.read_text()) for f in sorted(Path(out).glob("*/result.json"))]
+def table_order(rows: list[dict]) -> list[dict]:
+    """Rows in table order: data set, noise level as in ``NOISE``, loss, method as registered, variants by name,
+    seed. Rows read back from a CSV carry their seed as text, so the seed is compared as a number."""
     noise_rank = {n: i for i, n in enumerate(NOISE)}
     method_rank = {m: i for i, m in enumerate(METHODS)}
 
     def key(r):
         base = r.get("method", "").split("@")[0]  # a sweep's settings sit beside their method
         return (r.get("data", ""), noise_rank.get(r.get("noise"), len(NOISE)), r.get("noise", ""),
-                r.get("loss", ""), method_rank.get(base, len(METHODS)), r.get("method", ""), r.get("seed", 0))
+                r.get("loss", ""), method_rank.get(base, len(METHODS)), r.get("method", ""), int(r.get("seed", 0)))
 
     return sorted(rows, key=key)
+
+
+def finished_cells(out: Path) -> list[dict]:
+    """The ``result.json`` rows of every finished cell in ``out``, in table order: the tables show every cell a
+    folder holds, not only those of the latest command, so a grid run in several commands still ends in one set of
+    tables."""
+    return table_order([json.loads(f.read_text()) for f in sorted(Path(out).glob("*/result.json"))])
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Every column of every row; the cell's identity first, the numbers after, absent values left empty."""
+    columns = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("cell", "data", "noise", "loss",
+                                                                           "method", "seed"), k))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def export_rows(results: list[dict], export: Path) -> int:
+    """Write the folder's rows to ``export`` (a docs table's CSV). Rows already in ``export`` for cells this folder
+    does not hold are kept, so a table assembled from grids run in different folders (or whose run folder is gone)
+    is updated, not truncated; a cell present in both takes the folder's row. Returns how many rows were kept."""
+    ours = {r["cell"] for r in results}
+    kept = []
+    if export.exists():
+        with open(export, newline="") as f:
+            kept = [{k: v for k, v in r.items() if v != ""} for r in csv.DictReader(f) if r.get("cell") not in ours]
+    export.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(export, table_order([*results, *kept]))
+    return len(kept)
 
 
 def write_tables(out: Path, results: list[dict]) -> None:
     """results.csv with every column, and results.md: one table per noise level and loss, B and L per class."""
     if not results:
         return
-    columns = sorted({k for r in results for k in r}, key=lambda k: (k not in ("cell", "data", "noise", "loss",
-                                                                              "method", "seed"), k))
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(results)
+    write_csv(out / "results.csv", results)
     classes = [k[2:] for k in results[0] if k.startswith("B_")]
     lines = []
     for data in sorted({r["data"] for r in results}):
@@ -156,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--radius_scale", type=float, default=None,
                         help="scale of the noise disk radius (default: the profile's in-plane scale)")
     parser.add_argument("--export", default=None,
-                        help="also write the grid's results.csv here (e.g. docs/results/<table>.csv), the numbers "
-                             "behind a docs table")
+                        help="also write the folder's rows here (e.g. docs/results/<table>.csv), the numbers behind a "
+                             "docs table; rows of that file for cells the folder does not hold are kept")
     parser.add_argument("--setting", default=None,
                         help="a name for the overrides after -- (e.g. lambda0.35): the cells are named and tabulated "
                              "as <method>@<setting>, so that the settings of a sensitivity sweep share one folder")
@@ -206,10 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # a figure must never stop a long grid; the cells and results.csv are safe
             print(f"warning: results_paper.md / plots not updated: {err!r}", file=sys.stderr)
     if args.export:
-        export = Path(args.export)
-        export.parent.mkdir(parents=True, exist_ok=True)
-        export.write_text((out / "results.csv").read_text())
-        print(f"exported: {export}")
+        kept = export_rows(finished_cells(out), Path(args.export))
+        print(f"exported: {args.export} ({kept} rows of cells outside {out} kept)")
     print(f"results: {out / 'results.csv'}, {out / 'results.md'}, {out / 'results_paper.md'}, {out / 'plots'}")
     return 0
 

@@ -130,6 +130,26 @@ def test_a_sweep_setting_names_its_cells_and_rows(tmp_path):
                             *bad])
 
 
+def test_export_updates_a_tables_csv_without_dropping_rows_of_other_folders(tmp_path):
+    out, export = tmp_path / "grid", tmp_path / "docs" / "table.csv"
+    out.mkdir()
+    export.parent.mkdir()
+    earlier = [_result("phantom", "a30b5", "dicece", "jocor", 0, 0.75),  # from a folder that is gone
+               _result("phantom", "a30b5", "dicece", "baseline", 0, 0.60)]  # stale: this folder reruns it
+    benchmark.write_csv(export, earlier)
+    _cache(out, _result("phantom", "a30b5", "dicece", "baseline", 0, 0.70))
+    _cache(out, _result("phantom", "a30b5", "dicece", "self_cleansing", 0, 0.80))
+    argv = ["--data", "phantom", "--noise", "a30b5", "--methods", "baseline,self_cleansing", "--out", str(out),
+            "--export", str(export)]
+    assert benchmark.main(argv) == 0  # both cells are cached: nothing trains
+    with open(export) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["baseline", "self_cleansing", "jocor"]  # table order, none lost
+    assert float(rows[0]["B_mean"]) == pytest.approx(_result("phantom", "a30b5", "dicece", "baseline", 0, 0.70)
+                                                     ["B_mean"])  # the folder's row replaced the stale one
+    assert float(rows[2]["L_RV"]) == pytest.approx(earlier[0]["L_RV"])
+
+
 def test_time_ratio_against_the_baseline_of_the_same_seeds():
     rows = []
     for method, secs in (("baseline", 100.0), ("jocor", 250.0), ("self_cleansing", 104.0)):
