@@ -431,26 +431,35 @@ class LabelFilter:
             altogether), the pile stays Noisy and GMM-1 is fitted again to the other samples, if they split into two
             well separated populations (:func:`gmm_filter_peeled`); the round's log gives the pile's size
             (``gmm1_saturated``, 0 when the first fit was kept).
+        peel_pile_share: the share of GMM-1's Noisy calls that must lie in the pile for the peel to be tried
+            (``pile_share`` of :func:`gmm_filter_peeled`); 0 tries it whenever the pile is large enough.
         seed: ``random_state`` of both fits.
     """
 
     def __init__(self, loss=None, enabled: bool = True, unlabelled_as_noisy: bool = True, refresh: bool = False,
-                 peel_saturated: bool = False, seed: int = 0) -> None:
+                 peel_saturated: bool = False, peel_pile_share: float = 0.9, seed: int = 0) -> None:
         self.loss = loss if loss is not None else SegmentationLoss("dice")
         self.enabled, self.seed = as_flag(enabled, "label_filter#enabled"), int(seed)
         self.unlabelled_as_noisy = as_flag(unlabelled_as_noisy, "label_filter#unlabelled_as_noisy")
         self.refresh = as_flag(refresh, "label_filter#refresh")
         self.peel_saturated = as_flag(peel_saturated, "label_filter#peel_saturated")
+        self.peel_pile_share = float(peel_pile_share)
+        if not 0.0 <= self.peel_pile_share <= 1.0:
+            raise ValueError(f"label_filter#peel_pile_share must lie in [0, 1], got {peel_pile_share!r}")
 
     def __repr__(self) -> str:
         return (f"LabelFilter(enabled={self.enabled}, unlabelled_as_noisy={self.unlabelled_as_noisy}, "
-                f"refresh={self.refresh}, peel_saturated={self.peel_saturated}, seed={self.seed})")
+                f"refresh={self.refresh}, peel_saturated={self.peel_saturated}, "
+                f"peel_pile_share={self.peel_pile_share}, seed={self.seed})")
 
     def __call__(self, manual_loss: torch.Tensor, pseudo_loss: torch.Tensor, has_pseudo: torch.Tensor) -> Verdicts:
         """Verdicts from the (N,) losses against manual and pseudo-labels; ``has_pseudo`` (N,) marks the samples
         that hold a pseudo-label already."""
         n = manual_loss.shape[0]
-        manual = (gmm_filter_peeled if self.peel_saturated else gmm_filter)(manual_loss, seed=self.seed)
+        if self.peel_saturated:
+            manual = gmm_filter_peeled(manual_loss, pile_share=self.peel_pile_share, seed=self.seed)
+        else:
+            manual = gmm_filter(manual_loss, seed=self.seed)
         has = torch.as_tensor(has_pseudo, dtype=torch.bool)
         judged = has if self.unlabelled_as_noisy else torch.ones_like(has)
         pseudo, pseudo_clean, pseudo_prob = None, torch.zeros(n, dtype=torch.bool), torch.zeros(n)

@@ -239,6 +239,29 @@ def test_the_first_fit_stays_when_the_others_do_not_split_cleanly():
     assert torch.equal(gmm_filter_peeled(few).clean, gmm_filter(few).clean)
 
 
+def test_a_pile_share_of_zero_peels_where_the_first_fit_also_took_the_worst_wrong_labels():
+    """Wrong labels in the middle, others between them and the pile (ACDC, collapse profile, seed 0: 64% of GMM-1's
+    Noisy calls in the pile): the first fit calls the pile and the upper ones Noisy, so the default share (0.9) keeps
+    it; with ``pile_share=0`` the pile is peeled whenever it is large, and the middle ones are found too."""
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        losses = torch.tensor(np.r_[rng.normal(0.18, 0.05, 80), rng.normal(0.5, 0.07, 40), rng.uniform(0.7, 0.97, 40),
+                                    1 - rng.uniform(0, 1e-4, 90)])
+        true_noisy = torch.arange(250) >= 80
+        once = gmm_filter(losses)
+        assert 0.6 < (saturated_pile(losses) & once.noisy).sum() / once.n_noisy < 0.9
+        kept, peeled = gmm_filter_peeled(losses), gmm_filter_peeled(losses, pile_share=0.0)
+        assert torch.equal(kept.clean, once.clean) and "saturated" not in kept.extra
+        assert filter_precision_recall(once.noisy, true_noisy)[1] < 0.8
+        assert peeled.extra["saturated"] == 90
+        precision, recall = filter_precision_recall(peeled.noisy, true_noisy)
+        assert precision >= 0.99 and recall >= 0.99
+    filtered = LabelFilter(peel_saturated=True, peel_pile_share=0.0)(losses, losses, torch.zeros(250, dtype=torch.bool))
+    assert filtered.summary()["gmm1_saturated"] == 90
+    with pytest.raises(ValueError, match="peel_pile_share"):
+        LabelFilter(peel_pile_share=1.5)
+
+
 def test_label_filter_peels_only_when_asked_and_says_so():
     losses, true_noisy = _with_saturated_pile(1)
     has = torch.zeros(losses.numel(), dtype=torch.bool)
