@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # a figure must never stop a long grid; the cells and results.csv are safe
             print(f"warning: results_paper.md / plots not updated: {err!r}", file=sys.stderr)
     if args.export:
-        kept = export_rows(finished_cells(out), Path(args.export))
+        kept = export_rows(results, Path(args.export))  # the last cell's tables already read every result.json
         print(f"exported: {args.export} ({kept} rows of cells outside {out} kept)")
     print(f"results: {out / 'results.csv'}, {out / 'results.md'}, {out / 'results_paper.md'}, {out / 'plots'}")
     return 0

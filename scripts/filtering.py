@@ -66,6 +66,9 @@ STATUS_TOO_FEW = "too_few_samples"
 STATUS_CONSTANT = "constant_losses"
 STATUS_COLLAPSED = "collapsed"
 
+# the share of GMM-1's Noisy calls that must lie in the saturated pile before the peel is tried (bundle version 0.9.0)
+PILE_SHARE = 0.9
+
 
 def _as_loss_vector(losses) -> torch.Tensor:
     t = torch.as_tensor(losses)
@@ -275,7 +278,7 @@ def saturated_pile(losses: torch.Tensor, tol: float = 0.01) -> torch.Tensor:
     return x >= 1 - tol if x.numel() and float(x.max()) > 0 else torch.zeros(x.numel(), dtype=torch.bool)
 
 
-def gmm_filter_peeled(losses: torch.Tensor, tol: float = 0.01, min_share: float = 0.05, pile_share: float = 0.9,
+def gmm_filter_peeled(losses: torch.Tensor, tol: float = 0.01, min_share: float = 0.05, pile_share: float = PILE_SHARE,
                       min_refit_separation: float = 3.0, **gmm_kwargs) -> FilterResult:
     """:func:`gmm_filter`, fitted again without the saturated losses when its Noisy side is only those.
 
@@ -437,7 +440,8 @@ class LabelFilter:
     """
 
     def __init__(self, loss=None, enabled: bool = True, unlabelled_as_noisy: bool = True, refresh: bool = False,
-                 peel_saturated: bool = False, peel_pile_share: float = 0.9, seed: int = 0) -> None:
+                 peel_saturated: bool = False, peel_pile_share: float = PILE_SHARE,
+                 seed: int = 0) -> None:
         self.loss = loss if loss is not None else SegmentationLoss("dice")
         self.enabled, self.seed = as_flag(enabled, "label_filter#enabled"), int(seed)
         self.unlabelled_as_noisy = as_flag(unlabelled_as_noisy, "label_filter#unlabelled_as_noisy")
