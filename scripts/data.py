@@ -315,6 +315,8 @@ class SliceDataset(Dataset):
             is a gap of a slice or two. Each sample carries the classes its manual slice states
             (``classes_known``, bits of :func:`scripts.losses.class_bits`): those it draws, or every class on a
             slice taken as truly empty, so that ``HybridLoss(ignore_empty_manual=True)`` keeps its background.
+            Those slices are marked in ``trusted`` ((N,) bool), which the label filter does not judge
+            (``LabelFilter(skip_trusted=True)``).
     """
 
     def __init__(
@@ -386,10 +388,12 @@ class SliceDataset(Dataset):
         classes it draws, or every class on a slice taken as truly empty (``trusted_empty_run``), logged."""
         labels = self.labels()
         self.classes_known = torch.tensor([class_bits(lab) for lab in labels], dtype=torch.long)
+        self.trusted = torch.zeros(len(labels), dtype=torch.bool)
         if self.trusted_empty_run is None:
             return
         truly_empty = empty_end_runs(labels, [v["n_slices"] for v in self.volume_info], self.trusted_empty_run)
         self.classes_known[truly_empty] = ALL_CLASS_BITS
+        self.trusted = torch.as_tensor(truly_empty, dtype=torch.bool)
         empty, taken = int((labels.flatten(1).amax(1) == 0).sum()), int(truly_empty.sum())
         logger.info(f"SliceDataset: {taken} of {empty} empty manual slices lie in runs of >= {self.trusted_empty_run} "
                     f"at a volume's end and are taken as truly empty; the other {empty - taken} may be missed "

@@ -307,17 +307,32 @@ def gmm_filter_peeled(losses: torch.Tensor, tol: float = 0.01, min_share: float 
     rest = gmm_filter(raw[~pile], **gmm_kwargs)
     if rest.status != STATUS_OK or rest.separation < min_refit_separation:
         return first
-    lo, hi = first.loss_min, first.loss_max
-    clean, clean_prob = torch.zeros_like(pile), torch.zeros(pile.numel(), dtype=torch.float64)
-    clean[~pile], clean_prob[~pile] = rest.clean, rest.clean_prob
-    # the second fit's units, (x - rest.loss_min) / its range, mapped onto those of all the losses
-    scale, offset = (rest.loss_max - rest.loss_min) / (hi - lo), (rest.loss_min - lo) / (hi - lo)
-    share = float((~pile).double().mean())
-    return replace(rest, clean=clean, clean_prob=clean_prob, loss_min=lo, loss_max=hi,
-                   means=tuple(m * scale + offset for m in rest.means),
-                   variances=tuple(v * scale ** 2 for v in rest.variances),
-                   weights=tuple(w * share for w in rest.weights),
-                   extra={**rest.extra, "saturated": int(pile.sum())})
+    return spread_result(rest, ~pile, raw, others_clean=False, saturated=int(pile.sum()))
+
+
+def spread_result(part: FilterResult, judged: torch.Tensor, losses: torch.Tensor, others_clean: bool,
+                  **extra) -> FilterResult:
+    """A result fitted on the ``judged`` samples of ``losses``, spread over all of them: every other sample is
+    Clean (posterior 1) when ``others_clean``, else Noisy (posterior 0). The mixture's parameters move into the
+    normalised units of all the losses and its weights are scaled by the judged share, so figures draw it over the
+    histogram of all of them; ``extra`` goes into the result's ``extra``."""
+    judged = torch.as_tensor(judged, dtype=torch.bool).reshape(-1)
+    raw = _as_loss_vector(losses)
+    n = raw.numel()
+    clean = torch.full((n,), bool(others_clean), dtype=torch.bool)
+    clean_prob = torch.full((n,), float(bool(others_clean)), dtype=torch.float64)
+    clean[judged], clean_prob[judged] = part.clean, part.clean_prob
+    lo, hi = (float(raw.min()), float(raw.max())) if n else (float("nan"), float("nan"))
+    out = replace(part, clean=clean, clean_prob=clean_prob, loss_min=lo, loss_max=hi,
+                  extra={**part.extra, **extra})
+    if not part.fitted or not hi > lo:
+        return out
+    # the part's units, (x - part.loss_min) / its range, mapped onto those of all the losses
+    scale, offset = (part.loss_max - part.loss_min) / (hi - lo), (part.loss_min - lo) / (hi - lo)
+    share = float(judged.double().mean())
+    return replace(out, means=tuple(m * scale + offset for m in part.means),
+                   variances=tuple(v * scale ** 2 for v in part.variances),
+                   weights=tuple(w * share for w in part.weights))
 
 
 def cascade(
@@ -414,6 +429,7 @@ class Verdicts:
             pseudo_filter_status=self.pseudo.status if self.pseudo is not None else "no_pseudo_labels",
             **_mixture_summary("gmm1", self.manual),
             gmm1_saturated=self.manual.extra.get("saturated", 0),
+            gmm1_trusted=self.manual.extra.get("trusted", 0),
         )
 
 
@@ -436,11 +452,16 @@ class LabelFilter:
             (``gmm1_saturated``, 0 when the first fit was kept).
         peel_pile_share: the share of GMM-1's Noisy calls that must lie in the pile for the peel to be tried
             (``pile_share`` of :func:`gmm_filter_peeled`); 0 tries it whenever the pile is large enough.
+        skip_trusted: samples whose manual label the caller marks as trusted (``trusted`` of :meth:`__call__`; the
+            slices :class:`~scripts.data.SliceDataset` takes as truly empty, ``trusted_empty_run``) are Clean and
+            stay out of both fits. Their loss says nothing about their label: against an empty label the soft Dice
+            is near 1 whatever the network predicts, so on data with many truly empty slices they all fall to the
+            Noisy side (left atrium: every one of them, precision 0.45). ``False`` judges them like the others.
         seed: ``random_state`` of both fits.
     """
 
     def __init__(self, loss=None, enabled: bool = True, unlabelled_as_noisy: bool = True, refresh: bool = False,
-                 peel_saturated: bool = False, peel_pile_share: float = PILE_SHARE,
+                 peel_saturated: bool = False, peel_pile_share: float = PILE_SHARE, skip_trusted: bool = True,
                  seed: int = 0) -> None:
         self.loss = loss if loss is not None else SegmentationLoss("dice")
         self.enabled, self.seed = as_flag(enabled, "label_filter#enabled"), int(seed)
@@ -448,24 +469,32 @@ class LabelFilter:
         self.refresh = as_flag(refresh, "label_filter#refresh")
         self.peel_saturated = as_flag(peel_saturated, "label_filter#peel_saturated")
         self.peel_pile_share = float(peel_pile_share)
+        self.skip_trusted = as_flag(skip_trusted, "label_filter#skip_trusted")
         if not 0.0 <= self.peel_pile_share <= 1.0:
             raise ValueError(f"label_filter#peel_pile_share must lie in [0, 1], got {peel_pile_share!r}")
 
     def __repr__(self) -> str:
         return (f"LabelFilter(enabled={self.enabled}, unlabelled_as_noisy={self.unlabelled_as_noisy}, "
                 f"refresh={self.refresh}, peel_saturated={self.peel_saturated}, "
-                f"peel_pile_share={self.peel_pile_share}, seed={self.seed})")
+                f"peel_pile_share={self.peel_pile_share}, skip_trusted={self.skip_trusted}, seed={self.seed})")
 
-    def __call__(self, manual_loss: torch.Tensor, pseudo_loss: torch.Tensor, has_pseudo: torch.Tensor) -> Verdicts:
+    def __call__(self, manual_loss: torch.Tensor, pseudo_loss: torch.Tensor, has_pseudo: torch.Tensor,
+                 trusted: torch.Tensor | None = None) -> Verdicts:
         """Verdicts from the (N,) losses against manual and pseudo-labels; ``has_pseudo`` (N,) marks the samples
-        that hold a pseudo-label already."""
+        that hold a pseudo-label already, ``trusted`` (N,) those whose manual label is known to be right
+        (``skip_trusted``)."""
         n = manual_loss.shape[0]
-        if self.peel_saturated:
-            manual = gmm_filter_peeled(manual_loss, pile_share=self.peel_pile_share, seed=self.seed)
+        trusted = torch.zeros(n, dtype=torch.bool) if trusted is None or not self.skip_trusted else \
+            torch.as_tensor(trusted, dtype=torch.bool).reshape(-1).cpu()
+        if trusted.numel() != n:
+            raise ValueError(f"trusted must mark each of the {n} samples, got {trusted.numel()} flags")
+        if trusted.any():
+            part = self._fit_manual(_as_loss_vector(manual_loss)[~trusted])
+            manual = spread_result(part, ~trusted, manual_loss, others_clean=True, trusted=int(trusted.sum()))
         else:
-            manual = gmm_filter(manual_loss, seed=self.seed)
-        has = torch.as_tensor(has_pseudo, dtype=torch.bool)
-        judged = has if self.unlabelled_as_noisy else torch.ones_like(has)
+            manual = self._fit_manual(manual_loss)
+        has = torch.as_tensor(has_pseudo, dtype=torch.bool).cpu()
+        judged = (has if self.unlabelled_as_noisy else torch.ones_like(has)) & ~trusted
         pseudo, pseudo_clean, pseudo_prob = None, torch.zeros(n, dtype=torch.bool), torch.zeros(n)
         if judged.any():
             pseudo = gmm_filter(pseudo_loss[judged], seed=self.seed)
@@ -477,3 +506,8 @@ class LabelFilter:
         if not self.enabled:
             actions[:] = CLEANSE
         return Verdicts(manual, pseudo, pseudo_clean, pseudo_prob, actions)
+
+    def _fit_manual(self, losses: torch.Tensor) -> FilterResult:
+        if self.peel_saturated:
+            return gmm_filter_peeled(losses, pile_share=self.peel_pile_share, seed=self.seed)
+        return gmm_filter(losses, seed=self.seed)

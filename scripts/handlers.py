@@ -206,7 +206,9 @@ class SelfCleansing:
 
     def filter(self, rnd: CleansingRound) -> None:
         """The label filter's verdicts on the round's losses."""
-        verdicts = self.label_filter(rnd.manual_loss, rnd.pseudo_loss, self.store.has_pseudo.clone())
+        # slices the data set knows to be right (SliceDataset.trusted) are not judged by their loss
+        verdicts = self.label_filter(rnd.manual_loss, rnd.pseudo_loss, self.store.has_pseudo.clone(),
+                                     trusted=getattr(self.dataset, "trusted", None))
         rnd.manual_filter, rnd.pseudo_filter = verdicts.manual, verdicts.pseudo
         rnd.actions, rnd.pseudo_clean_prob = verdicts.actions, verdicts.pseudo_clean_prob
         rnd.summary.update(epoch=rnd.epoch, **verdicts.summary())

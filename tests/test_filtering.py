@@ -16,6 +16,7 @@ from scripts.filtering import (
     normalise_losses,
     gmm_filter_peeled,
     saturated_pile,
+    spread_result,
 )
 
 
@@ -271,3 +272,44 @@ def test_label_filter_peels_only_when_asked_and_says_so():
     assert filter_precision_recall(peeled.manual.noisy, true_noisy)[1] >= 0.97
     assert (peeled.actions[true_noisy] != KEEP_MANUAL).all()
     assert "peel_saturated=True" in repr(LabelFilter(peel_saturated=True))
+
+
+def test_trusted_samples_are_clean_and_stay_out_of_the_fits():
+    """Truly empty slices (left atrium: a third of them) score the soft Dice's worst loss against their empty label
+    whatever the network predicts, so GMM-1 calls them Noisy beside the wrong labels; marked as trusted they are
+    Clean and the mixture is fitted to the others."""
+    rng = np.random.default_rng(0)
+    losses = torch.tensor(np.r_[rng.normal(0.15, 0.04, 100), rng.uniform(0.9, 1.0, 60), rng.uniform(0.85, 1.0, 40)])
+    trusted, true_noisy = torch.arange(200) // 100 == 1, torch.arange(200) >= 160
+    trusted[160:] = False
+    has = torch.zeros(200, dtype=torch.bool)
+    plain = LabelFilter(skip_trusted=False)(losses, losses, has, trusted=trusted)
+    assert filter_precision_recall(plain.manual.noisy, true_noisy)[0] < 0.5  # the trusted ones called Noisy too
+    skipped = LabelFilter()(losses, losses, has, trusted=trusted)
+    assert filter_precision_recall(skipped.manual.noisy, true_noisy) == (1.0, 1.0)
+    assert skipped.manual.clean_prob[trusted].eq(1).all() and (skipped.actions[trusted] == KEEP_MANUAL).all()
+    assert skipped.summary()["gmm1_trusted"] == 60 and plain.summary()["gmm1_trusted"] == 0
+    # the mixture fitted to the 140 others, in the units of all 200 losses, its weights summing to their share
+    assert skipped.manual.loss_min == float(losses.min()) and skipped.manual.loss_max == float(losses.max())
+    assert sum(skipped.manual.weights) == pytest.approx(0.7)
+    assert 0 <= skipped.manual.means[0] < 0.3 < skipped.manual.means[1] <= 1
+    assert torch.equal(LabelFilter()(losses, losses, has).manual.clean, plain.manual.clean)
+    with pytest.raises(ValueError, match="each of the 200 samples"):
+        LabelFilter()(losses, losses, has, trusted=trusted[:10])
+    assert "skip_trusted=True" in repr(LabelFilter())
+
+
+def test_spread_result_fills_the_samples_it_did_not_judge():
+    part = gmm_filter(torch.tensor([0.1, 0.12, 0.11, 0.13, 0.9, 0.95, 0.92, 0.1, 0.11, 0.93]))
+    judged = torch.tensor([True] * 10 + [False] * 2)
+    losses = torch.cat([torch.tensor([0.1, 0.12, 0.11, 0.13, 0.9, 0.95, 0.92, 0.1, 0.11, 0.93]),
+                        torch.tensor([0.0, 2.0])])
+    for others_clean in (True, False):
+        out = spread_result(part, judged, losses, others_clean=others_clean, note=1)
+        assert torch.equal(out.clean[:10], part.clean) and out.clean[10:].eq(others_clean).all()
+        assert out.clean_prob[10:].eq(float(others_clean)).all() and out.extra["note"] == 1
+        assert (out.loss_min, out.loss_max) == (0.0, 2.0)
+        # the same density per unit of raw loss, times the judged share (10 of 12)
+        x, part_range = 0.9, part.loss_max - part.loss_min
+        per_raw_part = part.component_pdfs((x - part.loss_min) / part_range)[1] / part_range
+        assert per_raw_part * 10 / 12 == pytest.approx(out.component_pdfs(x / 2.0)[1] / 2.0)

@@ -41,12 +41,12 @@ def disc_volume(n_slices: int, size: int = 32, seed: int = 0):
     return image, label
 
 
-def toy_dataset(n_volumes: int = 3, n_slices: int = 8, missing: tuple = ()) -> SliceDataset:
+def toy_dataset(n_volumes: int = 3, n_slices: int = 8, missing: tuple = (), trusted_empty_run=None) -> SliceDataset:
     records = []
     for v in range(n_volumes):
         image, label = disc_volume(n_slices, seed=v)
         records.append({"image": image, "label": label, "case": f"case{v}"})
-    ds = SliceDataset(records)
+    ds = SliceDataset(records, trusted_empty_run=trusted_empty_run)
     if missing:
         labels = ds.labels().clone()
         labels[list(missing)] = 0  # simulated missing-label noise, clean labels kept
@@ -79,7 +79,7 @@ def constant_network(ds):
     return net
 
 
-_FILTER_OPTIONS = {"unlabelled_as_noisy", "refresh", "enabled", "seed"}
+_FILTER_OPTIONS = {"unlabelled_as_noisy", "refresh", "enabled", "seed", "skip_trusted"}
 
 
 def cleansing(ds, store, net=None, source=None, **options) -> SelfCleansing:
@@ -91,9 +91,9 @@ def cleansing(ds, store, net=None, source=None, **options) -> SelfCleansing:
                          label_filter=LabelFilter(**label_filter), **options)
 
 
-def first_round(missing: tuple, **kwargs):
+def first_round(missing: tuple, trusted_empty_run=None, **kwargs):
     """One cleansing round on the toy set with the given slices' labels removed, cleansed by prediction."""
-    ds = toy_dataset(missing=missing)
+    ds = toy_dataset(missing=missing, trusted_empty_run=trusted_empty_run)
     store = PseudoLabelStore("zeros")
     handler = cleansing(ds, store, **kwargs)
     store.initialise(ds.labels())
@@ -127,6 +127,20 @@ def test_first_round_with_all_zero_pseudo_labels(unlabelled_as_noisy):
         assert (rnd.actions[noisy] == KEEP_PSEUDO).all()
         assert store.labels[noisy].sum() == 0
     assert store.has_pseudo.all() and store.actions.shape == (1, len(ds))
+
+
+@pytest.mark.parametrize("skip_trusted", [True, False])
+def test_slices_the_data_set_trusts_are_not_judged(skip_trusted):
+    """Slices 0 and 1 open volume 0 with a run of 2 empty labels, so the data set takes them as truly empty; slice 13
+    is a gap inside volume 1. All three miss the disc the network predicts."""
+    ds, store, rnd = first_round((0, 1, 13), trusted_empty_run=2, skip_trusted=skip_trusted)
+    assert ds.trusted.nonzero().flatten().tolist() == [0, 1]
+    assert not rnd.manual_filter.clean[13] and rnd.actions[13] == CLEANSE
+    if skip_trusted:
+        assert rnd.manual_filter.clean[:2].all() and (rnd.actions[:2] == KEEP_MANUAL).all()
+        assert rnd.summary["gmm1_trusted"] == 2 and store.labels[:2].sum() == 0
+    else:
+        assert not rnd.manual_filter.clean[:2].any() and rnd.summary["gmm1_trusted"] == 0
 
 
 def test_refresh_recleanses_noisy_slices_every_round():
