@@ -87,3 +87,11 @@ def test_data_profiles_merge_into_inference(profile, data, tmp_path):
     assert infer.get_parsed_content("geometry").state_dict() == train.get_parsed_content("geometry").state_dict()
     for key in ("intensity_transforms", "geometry_transforms"):
         assert infer.get(key) == train.get(key), f"{key} differs between inference.json and train.json"
+
+
+@pytest.mark.parametrize("kind, share", [("dicece", 0.0), ("dice", 0.9)])
+def test_the_default_filter_decides_its_pile_share_from_the_training_loss(kind, share):
+    """train.json's label filter reads the training loss it is wired to, not a copy of its kind."""
+    parser = _parser(["train.json"], {"train_loss#kind": kind})
+    label_filter = parser.get_parsed_content("train#cleansing#label_filter")
+    assert label_filter.peel_pile_share == share and label_filter.skip_trusted

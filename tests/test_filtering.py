@@ -313,3 +313,16 @@ def test_spread_result_fills_the_samples_it_did_not_judge():
         x, part_range = 0.9, part.loss_max - part.loss_min
         per_raw_part = part.component_pdfs((x - part.loss_min) / part_range)[1] / part_range
         assert per_raw_part * 10 / 12 == pytest.approx(out.component_pdfs(x / 2.0)[1] / 2.0)
+
+
+def test_auto_pile_share_follows_the_training_loss(caplog):
+    from scripts.losses import SegmentationLoss
+
+    with caplog.at_level("INFO", logger="scripts.filtering"):
+        assert LabelFilter(peel_pile_share="auto", train_loss=SegmentationLoss("dicece")).peel_pile_share == 0.0
+    assert "peel_pile_share='auto': 0.0" in caplog.text and "kind='dicece'" in caplog.text
+    assert LabelFilter(peel_pile_share="auto", train_loss=SegmentationLoss("dice")).peel_pile_share == 0.9
+    with pytest.raises(ValueError, match="label_filter#train_loss"):
+        LabelFilter(peel_pile_share="auto")
+    with pytest.raises(ValueError, match="'auto'"):
+        LabelFilter(peel_pile_share="sometimes")
