@@ -393,7 +393,7 @@ class SliceDataset(Dataset):
             return
         truly_empty = empty_end_runs(labels, [v["n_slices"] for v in self.volume_info], self.trusted_empty_run)
         self.classes_known[truly_empty] = ALL_CLASS_BITS
-        self.trusted = torch.as_tensor(truly_empty, dtype=torch.bool)
+        self.trusted = truly_empty
         empty, taken = int((labels.flatten(1).amax(1) == 0).sum()), int(truly_empty.sum())
         logger.info(f"SliceDataset: {taken} of {empty} empty manual slices lie in runs of >= {self.trusted_empty_run} "
                     f"at a volume's end and are taken as truly empty; the other {empty - taken} may be missed "

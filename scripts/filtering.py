@@ -494,9 +494,9 @@ class LabelFilter:
             raise ValueError(f"label_filter#peel_pile_share must be a number in [0, 1] or 'auto', got "
                              f"{peel_pile_share!r}")
         self.peel_pile_share = float(peel_pile_share)
-        self.skip_trusted = as_flag(skip_trusted, "label_filter#skip_trusted")
         if not 0.0 <= self.peel_pile_share <= 1.0:
             raise ValueError(f"label_filter#peel_pile_share must lie in [0, 1], got {peel_pile_share!r}")
+        self.skip_trusted = as_flag(skip_trusted, "label_filter#skip_trusted")
 
     def __repr__(self) -> str:
         return (f"LabelFilter(enabled={self.enabled}, unlabelled_as_noisy={self.unlabelled_as_noisy}, "
@@ -513,11 +513,9 @@ class LabelFilter:
             torch.as_tensor(trusted, dtype=torch.bool).reshape(-1).cpu()
         if trusted.numel() != n:
             raise ValueError(f"trusted must mark each of the {n} samples, got {trusted.numel()} flags")
+        manual = self._fit_manual(_as_loss_vector(manual_loss)[~trusted])
         if trusted.any():
-            part = self._fit_manual(_as_loss_vector(manual_loss)[~trusted])
-            manual = spread_result(part, ~trusted, manual_loss, others_clean=True, trusted=int(trusted.sum()))
-        else:
-            manual = self._fit_manual(manual_loss)
+            manual = spread_result(manual, ~trusted, manual_loss, others_clean=True, trusted=int(trusted.sum()))
         has = torch.as_tensor(has_pseudo, dtype=torch.bool).cpu()
         judged = (has if self.unlabelled_as_noisy else torch.ones_like(has)) & ~trusted
         pseudo, pseudo_clean, pseudo_prob = None, torch.zeros(n, dtype=torch.bool), torch.zeros(n)
