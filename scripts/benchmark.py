@@ -166,6 +166,27 @@ def write_tables(out: Path, results: list[dict]) -> None:
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
+def _report(out: Path, results: list[dict]) -> None:
+    try:
+        write_report(out, results)
+    except Exception as err:  # a figure must never stop a long grid; the cells and results.csv are safe
+        print(f"warning: results_paper.md / plots not updated: {err!r}", file=sys.stderr)
+
+
+def _export_only(parser: argparse.ArgumentParser, out: Path, export: str | None) -> int:
+    # an export that follows a grid run elsewhere must not start the cells its method list names but the folder lacks
+    results = finished_cells(out) if out.is_dir() else []
+    if not results:
+        parser.error(f"--export_only: {out} holds no finished cell (no */result.json)")
+    write_tables(out, results)
+    if export:
+        kept = export_rows(results, Path(export))
+        print(f"exported: {export} ({len(results)} rows of {out}, {kept} rows of cells outside it kept)")
+    _report(out, results)
+    print(f"results: {out / 'results.csv'}, {out / 'results.md'}, {out / 'results_paper.md'}, {out / 'plots'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="acdc", choices=sorted({d for d, _ in PROFILES}))
@@ -182,12 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", default=None,
                         help="also write the folder's rows here (e.g. docs/results/<table>.csv), the numbers behind a "
                              "docs table; rows of that file for cells the folder does not hold are kept")
+    parser.add_argument("--export_only", action="store_true",
+                        help="train nothing: rewrite the folder's tables and report from the cells it holds and, "
+                             "with --export, write their rows; the grid options are ignored")
     parser.add_argument("--setting", default=None,
                         help="a name for the overrides after -- (e.g. lambda0.35): the cells are named and tabulated "
                              "as <method>@<setting>, so that the settings of a sensitivity sweep share one folder")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="further bundle overrides, after --")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if args.export_only:
+        return _export_only(parser, out, args.export)
     out.mkdir(parents=True, exist_ok=True)
     noise_radius = args.radius_scale if args.radius_scale is not None else radius_scale(args.data, args.profile)
     extra = [a for a in args.extra if a != "--"]
@@ -225,10 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         run_cell(out, name, configs, overrides, extra)
         results = finished_cells(out)
         write_tables(out, results)
-        try:
-            write_report(out, results)
-        except Exception as err:  # a figure must never stop a long grid; the cells and results.csv are safe
-            print(f"warning: results_paper.md / plots not updated: {err!r}", file=sys.stderr)
+        _report(out, results)
     if args.export:
         kept = export_rows(results, Path(args.export))  # the last cell's tables already read every result.json
         print(f"exported: {args.export} ({kept} rows of cells outside {out} kept)")

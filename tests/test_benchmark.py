@@ -150,6 +150,22 @@ def test_export_updates_a_tables_csv_without_dropping_rows_of_other_folders(tmp_
     assert float(rows[2]["L_RV"]) == pytest.approx(earlier[0]["L_RV"])
 
 
+def test_export_only_trains_nothing_and_refuses_an_empty_folder(tmp_path, monkeypatch):
+    out, export = tmp_path / "grid", tmp_path / "table.csv"
+    out.mkdir()
+    _cache(out, _result("phantom", "a30b5", "dicece", "baseline", 0, 0.70))
+    monkeypatch.setattr(benchmark, "run_cell", lambda *a, **k: pytest.fail("--export_only must not train"))
+    argv = ["--data", "phantom", "--noise", "a30b5", "--methods", "baseline,jocor", "--out", str(out),
+            "--export", str(export), "--export_only"]  # jocor is not in the folder
+    assert benchmark.main(argv) == 0
+    with open(export) as f:
+        assert [r["cell"] for r in csv.DictReader(f)] == ["phantom-a30b5-dicece-baseline-s0"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["phantom-a30b5-dicece-baseline-s0", "plots"]
+    with pytest.raises(SystemExit):
+        benchmark.main(["--out", str(tmp_path / "nothing"), "--export", str(export), "--export_only"])
+    assert not (tmp_path / "nothing").exists()
+
+
 def test_time_ratio_against_the_baseline_of_the_same_seeds():
     rows = []
     for method, secs in (("baseline", 100.0), ("jocor", 250.0), ("self_cleansing", 104.0)):
