@@ -166,54 +166,16 @@ def write_tables(out: Path, results: list[dict]) -> None:
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def _report(out: Path, results: list[dict]) -> None:
+def _tabulate(out: Path, results: list[dict]) -> None:
+    write_tables(out, results)
     try:
         write_report(out, results)
     except Exception as err:  # a figure must never stop a long grid; the cells and results.csv are safe
         print(f"warning: results_paper.md / plots not updated: {err!r}", file=sys.stderr)
 
 
-def _export_only(parser: argparse.ArgumentParser, out: Path, export: str | None) -> int:
-    # an export that follows a grid run elsewhere must not start the cells its method list names but the folder lacks
-    results = finished_cells(out) if out.is_dir() else []
-    if not results:
-        parser.error(f"--export_only: {out} holds no finished cell (no */result.json)")
-    write_tables(out, results)
-    if export:
-        kept = export_rows(results, Path(export))
-        print(f"exported: {export} ({len(results)} rows of {out}, {kept} rows of cells outside it kept)")
-    _report(out, results)
-    print(f"results: {out / 'results.csv'}, {out / 'results.md'}, {out / 'results_paper.md'}, {out / 'plots'}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="acdc", choices=sorted({d for d, _ in PROFILES}))
-    parser.add_argument("--dataset_dir", default=None,
-                        help="data folder (ACDC layout, flat) or a dataset.json; default: the data config's own")
-    parser.add_argument("--profile", default="cpu", choices=sorted({p for _, p in PROFILES}))
-    parser.add_argument("--noise", default="clean,a70b10", help=f"comma list of {list(NOISE)}")
-    parser.add_argument("--losses", default="dicece", help="comma list of dice,dicece")
-    parser.add_argument("--methods", default="baseline,self_cleansing", help=f"comma list of {list(METHODS)}")
-    parser.add_argument("--seeds", default="0", help="comma list of seeds")
-    parser.add_argument("--out", default="runs/benchmark")
-    parser.add_argument("--radius_scale", type=float, default=None,
-                        help="scale of the noise disk radius (default: the profile's in-plane scale)")
-    parser.add_argument("--export", default=None,
-                        help="also write the folder's rows here (e.g. docs/results/<table>.csv), the numbers behind a "
-                             "docs table; rows of that file for cells the folder does not hold are kept")
-    parser.add_argument("--export_only", action="store_true",
-                        help="train nothing: rewrite the folder's tables and report from the cells it holds and, "
-                             "with --export, write their rows; the grid options are ignored")
-    parser.add_argument("--setting", default=None,
-                        help="a name for the overrides after -- (e.g. lambda0.35): the cells are named and tabulated "
-                             "as <method>@<setting>, so that the settings of a sensitivity sweep share one folder")
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="further bundle overrides, after --")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    if args.export_only:
-        return _export_only(parser, out, args.export)
+def _run_grid(parser: argparse.ArgumentParser, args: argparse.Namespace, out: Path) -> list[dict]:
+    """Train the grid's cells the folder lacks, tabulating after each; returns every finished cell's row."""
     out.mkdir(parents=True, exist_ok=True)
     noise_radius = args.radius_scale if args.radius_scale is not None else radius_scale(args.data, args.profile)
     extra = [a for a in args.extra if a != "--"]
@@ -250,10 +212,44 @@ def main(argv: list[str] | None = None) -> int:
             progress.set_postfix_str(name)
         run_cell(out, name, configs, overrides, extra)
         results = finished_cells(out)
-        write_tables(out, results)
-        _report(out, results)
+        _tabulate(out, results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="acdc", choices=sorted({d for d, _ in PROFILES}))
+    parser.add_argument("--dataset_dir", default=None,
+                        help="data folder (ACDC layout, flat) or a dataset.json; default: the data config's own")
+    parser.add_argument("--profile", default="cpu", choices=sorted({p for _, p in PROFILES}))
+    parser.add_argument("--noise", default="clean,a70b10", help=f"comma list of {list(NOISE)}")
+    parser.add_argument("--losses", default="dicece", help="comma list of dice,dicece")
+    parser.add_argument("--methods", default="baseline,self_cleansing", help=f"comma list of {list(METHODS)}")
+    parser.add_argument("--seeds", default="0", help="comma list of seeds")
+    parser.add_argument("--out", default="runs/benchmark")
+    parser.add_argument("--radius_scale", type=float, default=None,
+                        help="scale of the noise disk radius (default: the profile's in-plane scale)")
+    parser.add_argument("--export", default=None,
+                        help="also write the folder's rows here (e.g. docs/results/<table>.csv), the numbers behind a "
+                             "docs table; rows of that file for cells the folder does not hold are kept")
+    parser.add_argument("--export_only", action="store_true",
+                        help="train nothing: rewrite the folder's tables and report from the cells it holds and, "
+                             "with --export, write their rows; the grid options are ignored")
+    parser.add_argument("--setting", default=None,
+                        help="a name for the overrides after -- (e.g. lambda0.35): the cells are named and tabulated "
+                             "as <method>@<setting>, so that the settings of a sensitivity sweep share one folder")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="further bundle overrides, after --")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.export_only:  # an export after a grid run elsewhere must not start the cells the folder lacks
+        results = finished_cells(out) if out.is_dir() else []
+        if not results:
+            parser.error(f"--export_only: {out} holds no finished cell (no */result.json)")
+        _tabulate(out, results)  # cells copied into the folder by hand join its tables
+    else:
+        results = _run_grid(parser, args, out)
     if args.export:
-        kept = export_rows(results, Path(args.export))  # the last cell's tables already read every result.json
+        kept = export_rows(results, Path(args.export))
         print(f"exported: {args.export} ({kept} rows of cells outside {out} kept)")
     print(f"results: {out / 'results.csv'}, {out / 'results.md'}, {out / 'results_paper.md'}, {out / 'plots'}")
     return 0
