@@ -95,3 +95,13 @@ def test_the_default_filter_decides_its_pile_share_from_the_training_loss(kind, 
     parser = _parser(["train.json"], {"train_loss#kind": kind})
     label_filter = parser.get_parsed_content("train#cleansing#label_filter")
     assert label_filter.peel_pile_share == share and label_filter.skip_trusted
+
+
+@pytest.mark.parametrize("profile, source", [([], "NoPseudoLabel"), (["acdc.json", "acdc_cpu.json"], "Prediction"),
+                                             (["acdc.json", "acdc_cpu.json", "acdc_collapse.json"], "NoPseudoLabel"),
+                                             (["la.json", "la_cpu.json"], "Prediction")])
+def test_drop_long_schedule_decides_from_the_profiles_schedule(profile, source):
+    """The variant leaves flagged slices out of the loss where rounds span 100 epochs or more (train.json's 500
+    epochs, the collapse profile's), and keeps the agreement targets of the prediction in the 20-epoch profiles."""
+    parser = _parser(["train.json", *profile, "variants/drop_long_schedule.json"], {})
+    assert type(parser.get_parsed_content("train#cleansing#source")).__name__ == source

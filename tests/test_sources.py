@@ -123,3 +123,17 @@ def test_round_summary_carries_the_manual_mixture():
     # too few slices for a fit: the same columns, NaN
     few = LabelFilter()(manual[:4], manual[:4], torch.ones(4, dtype=torch.bool)).summary()
     assert set(summary) == set(few) and math.isnan(few["gmm1_separation"])
+
+
+def test_by_schedule_picks_the_long_source_from_its_threshold_and_logs_the_choice(caplog):
+    from scripts.sources import by_schedule
+
+    short, long = Prediction(), NoPseudoLabel()
+    with caplog.at_level("INFO", logger="scripts.sources"):
+        assert by_schedule(99, short, long, long_from=100) is short
+        assert by_schedule(100, short, long, long_from=100) is long
+    assert "99 epochs of rounds, a short schedule" in caplog.text and "a long schedule" in caplog.text
+    with pytest.raises(ValueError, match="epochs_after_warmup"):
+        by_schedule(-1, short, long)
+    with pytest.raises(ValueError, match="long_from"):
+        by_schedule(10, short, long, long_from=0)
