@@ -15,7 +15,7 @@ from scripts.handlers import SelfCleansing
 from scripts.ignore_index import IGNORE_INDEX
 from scripts.prototypes import cleanse_labels
 from scripts.slice_pass import SlicePass
-from scripts.sources import AveragedPrototype, GridPrototypes, NoPseudoLabel, Prediction
+from scripts.sources import AveragedPrototype, GridPrototypes, NoPseudoLabel, Prediction, by_schedule
 from scripts.store import PseudoLabelStore
 from tests.test_handlers import constant_network, toy_dataset
 
@@ -126,8 +126,6 @@ def test_round_summary_carries_the_manual_mixture():
 
 
 def test_by_schedule_picks_the_long_source_from_its_threshold_and_logs_the_choice(caplog):
-    from scripts.sources import by_schedule
-
     short, long = Prediction(), NoPseudoLabel()
     with caplog.at_level("INFO", logger="scripts.sources"):
         assert by_schedule(99, short, long, long_from=100) is short
