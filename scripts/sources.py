@@ -130,8 +130,8 @@ def by_schedule(epochs_after_warmup: int, short: PseudoLabelSource, long: Pseudo
     the data, which a short schedule cannot spare, while training them on candidates made from the network's own
     prediction teaches it its errors on them, which a long schedule has time to memorise. On ACDC at α 70%,
     β 10 (docs/README.md), after 12 epochs of rounds (the CPU profile) leaving them out cost 5 points against the
-    prediction's agreement targets; after 300 (the collapse profile) it gained 2, but on clean labels it cost 1.0 /
-    1.5 there (seed 0), as the filter still flags about 30% of clean slices. Any ``long_from`` from 13 to 300
+    prediction's agreement targets; after 300 (the collapse profile) it gained 2, but on clean labels it cost 1.2 /
+    1.1 there (two seeds), as the filter still flags about 30% of clean slices. Any ``long_from`` from 13 to 300
     decides those two alike; the default is about where the collapse profile's noisy Baseline starts to memorise
     its labels (its validation Dice peaked 75 to 175 epochs into training on them, three seeds).
 
