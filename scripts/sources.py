@@ -143,8 +143,8 @@ def by_schedule(epochs_after_warmup: int, short: PseudoLabelSource, long: Pseudo
     if epochs_after_warmup < 0 or long_from < 1:
         raise ValueError(f"need epochs_after_warmup >= 0 and long_from >= 1, got {epochs_after_warmup} and "
                          f"{long_from}")
-    chosen = long if epochs_after_warmup >= long_from else short
-    kind = "long" if chosen is long else "short"
-    logger.info(f"cleansing source: {epochs_after_warmup} epochs of rounds, a {kind} schedule (long from "
-                f"{long_from}): {chosen!r}")
+    is_long = epochs_after_warmup >= long_from
+    chosen = long if is_long else short
+    logger.info(f"cleansing source: {epochs_after_warmup} epochs of rounds, a {'long' if is_long else 'short'} "
+                f"schedule (long from {long_from}): {chosen!r}")
     return chosen
