@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from scripts.schedule import hybrid_weights
 from scripts.slice_pass import SlicePass, eval_mode
 from scripts.sources import GridPrototypes, PseudoLabelSource
 from scripts.store import PseudoLabelStore
-from scripts.targets import TargetRules, cleansed_targets
+from scripts.targets import TargetRules, cleansed_targets, leaves_out
 
 __all__ = ["HybridLossSchedule", "SelfCleansing", "CleansingRound"]
 
@@ -204,6 +205,22 @@ class SelfCleansing:
                              "SliceDataset")
         return [v["n_slices"] for v in info]
 
+    def _first_separation(self, rnd: CleansingRound) -> float | None:
+        """GMM-1's separation in the first round that fitted it (this one if none before), which
+        ``rules#leave_out_separation`` judges; the decision is logged in the round that makes it."""
+        earlier = [r.get("gmm1_separation") for r in self.store.rounds]
+        earlier = [float(d) for d in earlier if d is not None and math.isfinite(d)]
+        if earlier:
+            return earlier[0]
+        d = rnd.summary.get("gmm1_separation")
+        if d is None or not math.isfinite(d):
+            return None
+        threshold = self.rules.leave_out_separation
+        self.logger.info(f"round at epoch {rnd.epoch}: GMM-1 separation {d:.2f} "
+                    + (f">= {threshold}: flagged slices carry no loss for the rest of the run"
+                       if d >= threshold else f"< {threshold}: flagged slices keep their targets"))
+        return float(d)
+
     def filter(self, rnd: CleansingRound) -> None:
         """The label filter's verdicts on the round's losses."""
         # slices the data set knows to be right (SliceDataset.trusted) are not judged by their loss
@@ -223,9 +240,12 @@ class SelfCleansing:
         if self.rules.neighbour_fill:
             previous, following = adjacent_labels(manual, self._volume_sizes())
             neighbours = previous[redo], following[redo]
+        separation = self._first_separation(rnd) if self.rules.leave_out_separation is not None else None
         new[redo], repaired = cleansed_targets(rnd.candidates[redo], manual[redo], self.rules, self.num_classes,
                                                prediction=rnd.prediction[redo], confidence=rnd.confidence[redo],
-                                               neighbours=neighbours)
+                                               neighbours=neighbours, separation=separation)
+        if self.rules.leave_out_separation is not None:
+            rnd.summary.update(flagged_left_out=leaves_out(self.rules, separation))
         if repaired is not None:
             rnd.summary.update(repaired_structures=repaired)
         clean = self.dataset.clean_labels() if hasattr(self.dataset, "clean_labels") else None

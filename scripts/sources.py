@@ -5,25 +5,17 @@ eval-mode features (B, C, H, W) and predicted class maps (B, H, W) in, candidate
 :class:`~scripts.handlers.SelfCleansing` takes one as its ``source`` component, so a new source is a new class
 and a config change (``train#cleansing#source``), not a branch in the handler. The four here are the paper's
 Table 4: its grid prototypes, one averaged prototype, the prediction itself, and none at all.
-:func:`by_schedule` picks one of two sources from the length of the schedule.
+(:func:`scripts.schedule.by_schedule` can pick one of two from the length of the schedule.)
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 
 from scripts.ignore_index import IGNORE_INDEX
 from scripts.prototypes import cleanse_batch, effective_grid, grid_features, representation_degree
 
-__all__ = ["PseudoLabelSource", "GridPrototypes", "AveragedPrototype", "Prediction", "NoPseudoLabel", "by_schedule",
-           "LONG_SCHEDULE"]
-
-logger = logging.getLogger(__name__)
-
-# epochs of cleansing rounds from which a schedule counts as long (see by_schedule)
-LONG_SCHEDULE = 100
+__all__ = ["PseudoLabelSource", "GridPrototypes", "AveragedPrototype", "Prediction", "NoPseudoLabel"]
 
 
 class PseudoLabelSource:
@@ -120,31 +112,3 @@ class NoPseudoLabel(PseudoLabelSource):
 
     def candidates(self, features: torch.Tensor, prediction: torch.Tensor, num_classes: int) -> torch.Tensor:
         return torch.full(prediction.shape, IGNORE_INDEX, dtype=torch.uint8, device=prediction.device)
-
-
-def by_schedule(epochs_after_warmup: int, short: PseudoLabelSource, long: PseudoLabelSource,
-                long_from: int = LONG_SCHEDULE) -> PseudoLabelSource:
-    """``long`` when the cleansing rounds span at least ``long_from`` epochs, else ``short``; the choice is logged.
-
-    Why the schedule decides: leaving flagged slices out of the loss (:class:`NoPseudoLabel`) costs their share of
-    the data, which a short schedule cannot spare, while training them on candidates made from the network's own
-    prediction teaches it its errors on them, which a long schedule has time to memorise. On ACDC at α 70%,
-    β 10 (docs/README.md), after 12 epochs of rounds (the CPU profile) leaving them out cost 5 points against the
-    prediction's agreement targets; after 300 (the collapse profile) it gained 2, but on clean labels it cost 1.2 /
-    1.1 there (two seeds), as the filter still flags about 30% of clean slices. Any ``long_from`` from 13 to 300
-    decides those two alike; the default is about where the collapse profile's noisy Baseline starts to memorise
-    its labels (its validation Dice peaked 75 to 175 epochs into training on them, three seeds).
-
-    Args:
-        epochs_after_warmup: epochs from the first round to the end of training.
-        short, long: the sources for a short and a long schedule.
-        long_from: the number of epochs from which the schedule is long.
-    """
-    if epochs_after_warmup < 0 or long_from < 1:
-        raise ValueError(f"need epochs_after_warmup >= 0 and long_from >= 1, got {epochs_after_warmup} and "
-                         f"{long_from}")
-    is_long = epochs_after_warmup >= long_from
-    chosen = long if is_long else short
-    logger.info(f"cleansing source: {epochs_after_warmup} epochs of rounds, a {'long' if is_long else 'short'} "
-                f"schedule (long from {long_from}): {chosen!r}")
-    return chosen

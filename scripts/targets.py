@@ -9,6 +9,7 @@ confidence, and the manual labels of the slices next to it. :class:`~scripts.han
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from scripts.flags import as_flag
 from scripts.ignore_index import IGNORE_INDEX
 from scripts.repair import near_foreground, offset_repair
 
-__all__ = ["TargetRules", "cleansed_targets"]
+__all__ = ["TargetRules", "cleansed_targets", "leaves_out"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,13 @@ class TargetRules:
         repair_radius: with ``agreement``, each structure of the manual label is first moved onto the network's
             prediction by the dilation or erosion of at most this many pixels that fits it best
             (:func:`scripts.repair.offset_repair`), and the agreement test compares with that repaired label.
+        leave_out_separation: when GMM-1's separation (Ashman's D, ``gmm1_separation``) in the run's first round
+            reaches this value, every cleansed slice carries no supervision, for the rest of the run, whatever the
+            other rules say (``None``: never). A first round whose losses split into two well separated
+            populations says the labels hold a noisy population; one that does not says the filter's Noisy side
+            is mostly the hard end of correct labels, which agreement targets keep and leaving out would lose. The
+            first round is judged because its network has not yet been trained on any cleansed target. The caller
+            gives the separation (:func:`cleansed_targets`).
     """
 
     agreement: bool = False
@@ -63,6 +71,7 @@ class TargetRules:
     ignore_drawn: bool = False
     empty_margin: int | None = None
     repair_radius: int | None = None
+    leave_out_separation: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("agreement", "neighbour_fill", "ignore_empty", "ignore_drawn"):
@@ -85,6 +94,8 @@ class TargetRules:
         if self.empty_margin is not None and (not self.agreement or self.ignore_empty or self.empty_margin < 1):
             raise ValueError(f"empty_margin ({self.empty_margin}) needs agreement=True, ignore_empty=False and a "
                              "margin >= 1")
+        if self.leave_out_separation is not None and not self.leave_out_separation > 0:
+            raise ValueError(f"leave_out_separation is a separation (Ashman's D) > 0, got {self.leave_out_separation}")
         for name in ("agreement_confidence", "confident_fill", "empty_fill"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
@@ -95,6 +106,12 @@ def _at_least(confidence: torch.Tensor, probability: float) -> torch.Tensor:
     return confidence >= round(255 * probability)
 
 
+def leaves_out(rules: TargetRules, separation: float | None) -> bool:
+    """Whether ``leave_out_separation`` leaves every cleansed slice out at this first-round separation."""
+    return rules.leave_out_separation is not None and separation is not None and math.isfinite(separation) and \
+        separation >= rules.leave_out_separation
+
+
 def cleansed_targets(
     candidates: torch.Tensor,
     manual: torch.Tensor,
@@ -103,6 +120,7 @@ def cleansed_targets(
     prediction: torch.Tensor | None = None,
     confidence: torch.Tensor | None = None,
     neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
+    separation: float | None = None,
 ) -> tuple[torch.Tensor, int | None]:
     """The training targets of the slices being cleansed.
 
@@ -115,6 +133,8 @@ def cleansed_targets(
         confidence: (N, H, W) uint8, the predicted class's probability times 255; needed by the probability rules.
         neighbours: the manual labels of each slice's previous and next slice in its volume
             (:func:`scripts.repair.adjacent_labels`); needed by ``neighbour_fill``.
+        separation: GMM-1's separation in the run's first round, read by ``leave_out_separation``; ``None`` (no
+            round has fitted the mixture yet) applies the other rules.
 
     Returns:
         ``(targets, repaired)``: (N, H, W) uint8 targets, ``IGNORE_INDEX`` where unsupervised, and the number of
@@ -123,6 +143,8 @@ def cleansed_targets(
     if candidates.shape != manual.shape or candidates.ndim != 3:
         raise ValueError(f"candidates and manual labels must be (N, H, W) of one shape, got "
                          f"{tuple(candidates.shape)} and {tuple(manual.shape)}")
+    if leaves_out(rules, separation):
+        return torch.full_like(candidates, IGNORE_INDEX), None
     needs = {
         "prediction": prediction is None and (rules.repair_radius is not None or rules.empty_margin is not None),
         "confidence": confidence is None and any(

@@ -105,3 +105,16 @@ def test_drop_long_schedule_decides_from_the_profiles_schedule(profile, source):
     epochs, the collapse profile's), and keeps the agreement targets of the prediction in the 20-epoch profiles."""
     parser = _parser(["train.json", *profile, "variants/drop_long_schedule.json"], {})
     assert type(parser.get_parsed_content("train#cleansing#source")).__name__ == source
+
+
+@pytest.mark.parametrize("profile, separation", [([], 3.0), (["acdc.json", "acdc_cpu.json"], None),
+                                                 (["acdc.json", "acdc_cpu.json", "acdc_collapse.json"], 3.0),
+                                                 (["la.json", "la_cpu.json"], None)])
+def test_default_leaves_flagged_slices_out_only_in_long_schedules(profile, separation):
+    """The default's ``leave_out_separation`` is set where rounds span 100 epochs or more (train.json's 500 epochs,
+    the collapse profile's) and off in the 20-epoch profiles, where leaving flagged slices out costs their data;
+    the paper's recipe never has it."""
+    rules = _parser(["train.json", *profile], {}).get_parsed_content("train#cleansing#rules")
+    assert rules.leave_out_separation == separation and rules.agreement
+    paper = _parser(["train.json", "paper.json", *profile], {}).get_parsed_content("train#cleansing#rules")
+    assert paper.leave_out_separation is None

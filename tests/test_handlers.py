@@ -542,3 +542,34 @@ def test_history_names_a_metric_that_first_appears_after_epoch_one(tmp_path):
     assert _trim_csv(str(path), 2) == 2
     with open(path, newline="") as f:
         assert [r["val_mean_dice"] for r in csv.DictReader(f)] == ["", "0.2"]
+
+
+def test_leave_out_separation_follows_the_first_rounds_separation(caplog):
+    """Missed labels against a network that predicts every disc: GMM-1's two populations are far apart (D > 5)."""
+    missing = (1, 5, 9, 13, 17, 21)
+    ds = toy_dataset(missing=missing)
+    plain, _ = _round_on(ds)
+    with caplog.at_level("INFO"):
+        store, rnd = _round_on(ds, leave_out_separation=3.0)
+    assert rnd.summary["gmm1_separation"] > 5 and rnd.summary["flagged_left_out"]
+    assert "flagged slices carry no loss for the rest of the run" in caplog.text
+    assert (store.labels[list(missing)] == 255).all() and (plain.labels[list(missing)] == 0).any()
+    kept = [i for i in range(len(ds)) if i not in missing]
+    assert torch.equal(store.labels[kept], ds.labels()[kept])
+    # a threshold above the separation keeps the agreement targets
+    store, rnd = _round_on(ds, leave_out_separation=1000.0)
+    assert not rnd.summary["flagged_left_out"] and torch.equal(store.labels, plain.labels)
+    # the first round decides: after one whose mixture barely separated, a well separated round changes nothing
+    store = PseudoLabelStore("zeros")
+    handler = cleansing(ds, store, agreement=True, leave_out_separation=3.0)
+    store.initialise(ds.labels())
+    store.rounds.append({"gmm1_separation": float("nan")})  # a round without a fit does not decide
+    store.rounds.append({"gmm1_separation": 1.5})
+    rnd = CleansingRound(epoch=2, index=2)
+    handler.collect(rnd)
+    handler.filter(rnd)
+    handler.cleanse(rnd)
+    assert rnd.summary["gmm1_separation"] > 5 and not rnd.summary["flagged_left_out"]
+    assert torch.equal(store.labels, plain.labels)
+    with pytest.raises(ValueError, match="leave_out_separation"):
+        TargetRules(agreement=True, leave_out_separation=0.0)

@@ -6,7 +6,7 @@ from scripts.engine import HybridPrepareBatch
 from scripts.ignore_index import IGNORE_INDEX
 from scripts.losses import HybridLoss, SegmentationLoss, class_bits, classes_from_bits
 from scripts.metrics import cleansing_quality, label_dice, pooled_dice, supervised_fraction
-from scripts.schedule import hybrid_weights
+from scripts.schedule import by_schedule, hybrid_weights
 from scripts.store import PseudoLabelStore
 
 
@@ -610,3 +610,15 @@ def test_hybrid_loss_without_the_rule_calls_any_loss_as_before():
     hybrid.lambda1, hybrid.lambda2 = 0.0, 1.0
     target = torch.cat([manual, manual, torch.zeros_like(manual), torch.zeros_like(manual)], 1)
     torch.testing.assert_close(hybrid(logits, target), plain(logits, manual))
+
+
+def test_by_schedule_picks_the_long_choice_from_its_threshold_and_logs_it(caplog):
+    short, long = object(), object()
+    with caplog.at_level("INFO", logger="scripts.schedule"):
+        assert by_schedule(99, short, long, long_from=100, name="rules#x") is short
+        assert by_schedule(100, short, long, long_from=100) is long
+    assert "rules#x: 99 epochs of rounds, a short schedule" in caplog.text and "a long schedule" in caplog.text
+    with pytest.raises(ValueError, match="epochs_after_warmup"):
+        by_schedule(-1, short, long)
+    with pytest.raises(ValueError, match="long_from"):
+        by_schedule(10, short, long, long_from=0)

@@ -15,7 +15,7 @@ from scripts.handlers import SelfCleansing
 from scripts.ignore_index import IGNORE_INDEX
 from scripts.prototypes import cleanse_labels
 from scripts.slice_pass import SlicePass
-from scripts.sources import AveragedPrototype, GridPrototypes, NoPseudoLabel, Prediction, by_schedule
+from scripts.sources import AveragedPrototype, GridPrototypes, NoPseudoLabel, Prediction
 from scripts.store import PseudoLabelStore
 from tests.test_handlers import constant_network, toy_dataset
 
@@ -123,15 +123,3 @@ def test_round_summary_carries_the_manual_mixture():
     # too few slices for a fit: the same columns, NaN
     few = LabelFilter()(manual[:4], manual[:4], torch.ones(4, dtype=torch.bool)).summary()
     assert set(summary) == set(few) and math.isnan(few["gmm1_separation"])
-
-
-def test_by_schedule_picks_the_long_source_from_its_threshold_and_logs_the_choice(caplog):
-    short, long = Prediction(), NoPseudoLabel()
-    with caplog.at_level("INFO", logger="scripts.sources"):
-        assert by_schedule(99, short, long, long_from=100) is short
-        assert by_schedule(100, short, long, long_from=100) is long
-    assert "99 epochs of rounds, a short schedule" in caplog.text and "a long schedule" in caplog.text
-    with pytest.raises(ValueError, match="epochs_after_warmup"):
-        by_schedule(-1, short, long)
-    with pytest.raises(ValueError, match="long_from"):
-        by_schedule(10, short, long, long_from=0)
