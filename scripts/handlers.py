@@ -205,21 +205,28 @@ class SelfCleansing:
                              "SliceDataset")
         return [v["n_slices"] for v in info]
 
-    def _first_separation(self, rnd: CleansingRound) -> float | None:
-        """GMM-1's separation in the first round that fitted it (this one if none before), which
-        ``rules#leave_out_separation`` judges; the decision is logged in the round that makes it."""
-        earlier = [r.get("gmm1_separation") for r in self.store.rounds]
-        earlier = [float(d) for d in earlier if d is not None and math.isfinite(d)]
-        if earlier:
-            return earlier[0]
-        d = rnd.summary.get("gmm1_separation")
-        if d is None or not math.isfinite(d):
-            return None
-        threshold = self.rules.leave_out_separation
-        self.logger.info(f"round at epoch {rnd.epoch}: GMM-1 separation {d:.2f} "
-                    + (f">= {threshold}: flagged slices carry no loss for the rest of the run"
-                       if d >= threshold else f"< {threshold}: flagged slices keep their targets"))
-        return float(d)
+    @staticmethod
+    def _first_separation(summaries) -> float | None:
+        """GMM-1's separation in the first of these round summaries that fitted it, or ``None``."""
+        for summary in summaries:
+            d = summary.get("gmm1_separation")
+            if d is not None and math.isfinite(d):
+                return float(d)
+        return None
+
+    def _leave_out_separation(self, rnd: CleansingRound) -> float | None:
+        """The separation ``rules#leave_out_separation`` judges: that of the first round that fitted GMM-1 (this
+        one if none before); the decision is logged, and recorded in every round's summary."""
+        separation = self._first_separation(self.store.rounds)
+        if separation is None:
+            separation = self._first_separation([rnd.summary])
+            if separation is not None:
+                self.logger.info(f"round at epoch {rnd.epoch}: GMM-1 separation {separation:.2f} " + (
+                    f">= {self.rules.leave_out_separation}: flagged slices carry no loss for the rest of the run"
+                    if leaves_out(self.rules, separation) else
+                    f"< {self.rules.leave_out_separation}: flagged slices keep their targets"))
+        rnd.summary.update(flagged_left_out=leaves_out(self.rules, separation))
+        return separation
 
     def filter(self, rnd: CleansingRound) -> None:
         """The label filter's verdicts on the round's losses."""
@@ -240,12 +247,10 @@ class SelfCleansing:
         if self.rules.neighbour_fill:
             previous, following = adjacent_labels(manual, self._volume_sizes())
             neighbours = previous[redo], following[redo]
-        separation = self._first_separation(rnd) if self.rules.leave_out_separation is not None else None
+        separation = self._leave_out_separation(rnd) if self.rules.leave_out_separation is not None else None
         new[redo], repaired = cleansed_targets(rnd.candidates[redo], manual[redo], self.rules, self.num_classes,
                                                prediction=rnd.prediction[redo], confidence=rnd.confidence[redo],
                                                neighbours=neighbours, separation=separation)
-        if self.rules.leave_out_separation is not None:
-            rnd.summary.update(flagged_left_out=leaves_out(self.rules, separation))
         if repaired is not None:
             rnd.summary.update(repaired_structures=repaired)
         clean = self.dataset.clean_labels() if hasattr(self.dataset, "clean_labels") else None
