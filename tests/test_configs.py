@@ -23,6 +23,7 @@ SPECIAL = {
     "acdc_collapse.json": (["train.json", "acdc.json", "acdc_cpu.json"], "train#trainer"),
     "la.json": (["train.json"], "train#trainer"),
     "la_cpu.json": (["train.json", "la.json"], "train#trainer"),
+    "la_collapse.json": (["train.json", "la.json", "la_cpu.json"], "train#trainer"),
     # overlays of a competitor's config
     "methods/train_loss_supervision.json": (["train.json", "methods/jocor.json"], "train#trainer"),
     "methods/pick_and_learn_dice.json": (["train.json", "methods/pick_and_learn.json"], "train#trainer"),
