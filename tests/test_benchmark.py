@@ -236,3 +236,4 @@ def test_noise_radius_follows_the_profiles_scale():
 
     assert radius_scale("acdc", "cpu") == 0.5 and radius_scale("acdc", "collapse") == 0.25
     assert radius_scale("acdc", "paper") == 1.0 and radius_scale("phantom", "cpu") == 1.0
+    assert radius_scale("la", "cpu") == 0.5 and radius_scale("la", "collapse") == 0.25

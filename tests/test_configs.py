@@ -100,21 +100,24 @@ def test_the_default_filter_decides_its_pile_share_from_the_training_loss(kind, 
 
 @pytest.mark.parametrize("profile, source", [([], "NoPseudoLabel"), (["acdc.json", "acdc_cpu.json"], "Prediction"),
                                              (["acdc.json", "acdc_cpu.json", "acdc_collapse.json"], "NoPseudoLabel"),
-                                             (["la.json", "la_cpu.json"], "Prediction")])
+                                             (["la.json", "la_cpu.json"], "Prediction"),
+                                             (["la.json", "la_cpu.json", "la_collapse.json"], "NoPseudoLabel")])
 def test_drop_long_schedule_decides_from_the_profiles_schedule(profile, source):
     """The variant leaves flagged slices out of the loss where rounds span 100 epochs or more (train.json's 500
-    epochs, the collapse profile's), and keeps the agreement targets of the prediction in the 20-epoch profiles."""
+    epochs, the ACDC and LA collapse profiles'), and keeps the agreement targets of the prediction in the 20-epoch
+    profiles."""
     parser = _parser(["train.json", *profile, "variants/drop_long_schedule.json"], {})
     assert type(parser.get_parsed_content("train#cleansing#source")).__name__ == source
 
 
 @pytest.mark.parametrize("profile, separation", [([], 3.0), (["acdc.json", "acdc_cpu.json"], None),
                                                  (["acdc.json", "acdc_cpu.json", "acdc_collapse.json"], 3.0),
-                                                 (["la.json", "la_cpu.json"], None)])
+                                                 (["la.json", "la_cpu.json"], None),
+                                                 (["la.json", "la_cpu.json", "la_collapse.json"], 3.0)])
 def test_default_leaves_flagged_slices_out_only_in_long_schedules(profile, separation):
     """The default's ``leave_out_separation`` is set where rounds span 100 epochs or more (train.json's 500 epochs,
-    the collapse profile's) and off in the 20-epoch profiles, where leaving flagged slices out costs their data;
-    the paper's recipe never has it."""
+    the ACDC and LA collapse profiles') and off in the 20-epoch profiles, where leaving flagged slices out costs their
+    data; the paper's recipe never has it."""
     rules = _parser(["train.json", *profile], {}).get_parsed_content("train#cleansing#rules")
     assert rules.leave_out_separation == separation and rules.agreement
     paper = _parser(["train.json", "paper.json", *profile], {}).get_parsed_content("train#cleansing#rules")
