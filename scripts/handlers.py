@@ -218,14 +218,16 @@ class SelfCleansing:
         """The separation ``rules#leave_out_separation`` judges: that of the first round that fitted GMM-1 (this
         one if none before); the decision is logged, and recorded in every round's summary."""
         separation = self._first_separation(self.store.rounds)
-        if separation is None:
+        decided_now = separation is None
+        if decided_now:
             separation = self._first_separation([rnd.summary])
-            if separation is not None:
-                self.logger.info(f"round at epoch {rnd.epoch}: GMM-1 separation {separation:.2f} " + (
-                    f">= {self.rules.leave_out_separation}: flagged slices carry no loss for the rest of the run"
-                    if leaves_out(self.rules, separation) else
-                    f"< {self.rules.leave_out_separation}: flagged slices keep their targets"))
-        rnd.summary.update(flagged_left_out=leaves_out(self.rules, separation))
+        left_out = leaves_out(self.rules, separation)
+        if decided_now and separation is not None:
+            threshold = self.rules.leave_out_separation
+            self.logger.info(f"round at epoch {rnd.epoch}: GMM-1 separation {separation:.2f} " + (
+                f">= {threshold}: flagged slices carry no loss for the rest of the run" if left_out
+                else f"< {threshold}: flagged slices keep their targets"))
+        rnd.summary.update(flagged_left_out=left_out)
         return separation
 
     def filter(self, rnd: CleansingRound) -> None:
