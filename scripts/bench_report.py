@@ -229,6 +229,21 @@ def _read_history(path: Path) -> dict[int, float]:
     return out
 
 
+TAIL_EVALUATIONS = 4
+
+
+def tail_dice(history: Path, n: int = TAIL_EVALUATIONS) -> float | None:
+    """Mean validation Dice of a run's last ``n`` evaluations, or None when it logged fewer.
+
+    The L-model is one evaluation, and on a small validation set two evaluations a few epochs apart can differ by
+    several points; this reading of the end of training is reported beside it (column ``L_tail``) so that single
+    cells can be compared. It is the same whole-volume validation Dice as the B-model's selection."""
+    curve = _read_history(history)
+    if len(curve) < n:
+        return None
+    return round(sum(curve[e] for e in sorted(curve)[-n:]) / n, 4)
+
+
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from scripts.bench_report import write_report
+from scripts.bench_report import tail_dice, write_report
 from scripts.registry import METHODS, NOISE, PROFILES, method_configs, radius_scale
 
 
@@ -87,6 +87,9 @@ def run_cell(out: Path, name: str, configs: list[str], overrides: dict, extra_ar
         for cls, value in _read_dice(eval_dir / "dice_per_volume.csv").items():
             result[f"{tag}_{cls}"] = round(value, 4)
     result.update(_last_round(cell / "cleansing_rounds.csv"))
+    tail = tail_dice(cell / "history.csv")
+    if tail is not None:
+        result["L_tail"] = tail
     tmp = result_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, result_file)
@@ -110,8 +113,13 @@ def table_order(rows: list[dict]) -> list[dict]:
 def finished_cells(out: Path) -> list[dict]:
     """The ``result.json`` rows of every finished cell in ``out``, in table order: the tables show every cell a
     folder holds, not only those of the latest command, so a grid run in several commands still ends in one set of
-    tables."""
-    return table_order([json.loads(f.read_text()) for f in sorted(Path(out).glob("*/result.json"))])
+    tables. A cell finished before ``L_tail`` was reported gets it from its ``history.csv``."""
+    rows = [json.loads(f.read_text()) for f in sorted(Path(out).glob("*/result.json"))]
+    for row in rows:
+        tail = None if "L_tail" in row else tail_dice(Path(out) / row["cell"] / "history.csv")
+        if tail is not None:
+            row["L_tail"] = tail
+    return table_order(rows)
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -152,8 +160,9 @@ def write_tables(out: Path, results: list[dict]) -> None:
                 if not rows:
                     continue
                 lines += [f"\n### {data}, {noise}, loss {loss}\n",
-                          "| method | seeds | " + " | ".join(f"{c} B | {c} L" for c in classes) + " | train s |",
-                          "|---|---|" + "---|---|" * len(classes) + "---|"]
+                          "| method | seeds | " + " | ".join(f"{c} B | {c} L" for c in classes)
+                          + " | L tail | train s |",
+                          "|---|---|" + "---|---|" * len(classes) + "---|---|"]
                 for method in dict.fromkeys(r["method"] for r in rows):
                     mr = [r for r in rows if r["method"] == method]
                     cells = []
@@ -161,6 +170,9 @@ def write_tables(out: Path, results: list[dict]) -> None:
                         for tag in "BL":
                             vals = [r[f"{tag}_{c}"] for r in mr]
                             cells.append(f"{100 * sum(vals) / len(vals):.2f}")
+                    tails = [r["L_tail"] for r in mr if r.get("L_tail") not in (None, "")]
+                    # a mean over some seeds only would read as the row's: shown only when every seed has one
+                    cells.append(f"{100 * sum(map(float, tails)) / len(tails):.2f}" if len(tails) == len(mr) else "–")
                     secs = sum(r["train_seconds"] for r in mr) / len(mr)
                     lines.append(f"| {method} | {len(mr)} | " + " | ".join(cells) + f" | {secs:.0f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")

@@ -115,6 +115,23 @@ def test_tables_gather_every_finished_cell_of_the_folder(tmp_path):
         assert len(list(csv.DictReader(f))) == 4
 
 
+def test_the_tail_reading_is_the_mean_of_the_last_four_evaluations(tmp_path):
+    # 6 epochs whose validation Dice climbs 1/6 of B_mean each: the last four evaluations are epochs 3 to 6
+    _cache(tmp_path, _result("phantom", "clean", "dicece", "baseline", 0, 0.9), epochs=6)
+    short = _result("phantom", "clean", "dicece", "baseline", 1, 0.9)
+    _cache(tmp_path, short, epochs=3)  # fewer evaluations than the reading takes: no value, not a shorter mean
+    rows = benchmark.finished_cells(tmp_path)
+    b_mean = rows[0]["B_mean"]
+    assert rows[0]["L_tail"] == pytest.approx(b_mean * (3 + 4 + 5 + 6) / 6 / 4, abs=1e-4)
+    assert "L_tail" not in rows[1]
+    benchmark.write_tables(tmp_path, rows)
+    table = (tmp_path / "results.md").read_text()
+    assert "| L tail | train s |" in table
+    assert "| baseline | 2 |" in table and table.rstrip().endswith("| – | 10 |")  # one seed lacks it: no mean
+    benchmark.write_tables(tmp_path, rows[:1])
+    assert f"| {100 * rows[0]['L_tail']:.2f} | 10 |" in (tmp_path / "results.md").read_text()
+
+
 def test_a_sweep_setting_names_its_cells_and_rows(tmp_path):
     _cache(tmp_path, _result("phantom", "a30b5", "dicece", "jocor", 0, 0.75))
     _cache(tmp_path, _result("phantom", "a30b5", "dicece", "jocor@lambda0.35", 0, 0.78))
