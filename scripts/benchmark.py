@@ -87,9 +87,6 @@ def run_cell(out: Path, name: str, configs: list[str], overrides: dict, extra_ar
         for cls, value in _read_dice(eval_dir / "dice_per_volume.csv").items():
             result[f"{tag}_{cls}"] = round(value, 4)
     result.update(_last_round(cell / "cleansing_rounds.csv"))
-    tail = tail_dice(cell / "history.csv")
-    if tail is not None:
-        result["L_tail"] = tail
     tmp = result_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, result_file)
@@ -113,10 +110,10 @@ def table_order(rows: list[dict]) -> list[dict]:
 def finished_cells(out: Path) -> list[dict]:
     """The ``result.json`` rows of every finished cell in ``out``, in table order: the tables show every cell a
     folder holds, not only those of the latest command, so a grid run in several commands still ends in one set of
-    tables. A cell finished before ``L_tail`` was reported gets it from its ``history.csv``."""
+    tables. ``L_tail`` is read from the cell's ``history.csv`` here, not stored, so every cell has it however old."""
     rows = [json.loads(f.read_text()) for f in sorted(Path(out).glob("*/result.json"))]
     for row in rows:
-        tail = None if "L_tail" in row else tail_dice(Path(out) / row["cell"] / "history.csv")
+        tail = tail_dice(Path(out) / row["cell"] / "history.csv")
         if tail is not None:
             row["L_tail"] = tail
     return table_order(rows)
