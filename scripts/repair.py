@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from scripts.ignore_index import IGNORE_INDEX
 
-__all__ = ["signed_distance", "offset_mask", "offset_repair", "adjacent_labels", "near_foreground"]
+__all__ = ["signed_distance", "offset_mask", "offset_repair", "trusted_side", "adjacent_labels", "near_foreground"]
 
 
 def signed_distance(mask: np.ndarray) -> np.ndarray:
@@ -88,6 +88,47 @@ def offset_repair(manual: torch.Tensor, prediction: torch.Tensor, num_classes: i
             repaired[i][chosen] = c
         repaired[i][claims > 1] = ignore_index
     return torch.from_numpy(repaired).to(manual.device), torch.from_numpy(offsets).to(manual.device)
+
+
+def trusted_side(manual: torch.Tensor, prediction: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The pixels of an offset manual label that are right whichever way the contour was offset.
+
+    A contour drawn too tightly lies inside the true one and a contour drawn too generously encloses it, so one side
+    of every offset contour is right: the inside of an under-drawn structure, the outside of an over-drawn one.
+    Per slice and foreground class, the structure counts as under-drawn when the prediction holds more of it outside
+    the manual mask than the manual mask holds outside the prediction, over-drawn in the opposite case (neither on a
+    tie). The pixels returned are those where the manual label is
+
+    * class ``c`` of an under-drawn ``c`` (inside the true structure), or
+    * background where the prediction says ``c`` and ``c`` is over-drawn (outside the true structure).
+
+    A missed slice (no manual foreground) gets no pixel: nothing of it is known to be right but its background,
+    and that only where the network agrees. Where several structures were offset at once the second case can call
+    background a pixel that an eroded neighbour truly covers; agreement leaves it unsupervised otherwise.
+
+    Args:
+        manual: (N, H, W) integer label maps as drawn.
+        prediction: (N, H, W) integer label maps of the network, same shape.
+        num_classes: classes including background.
+
+    Returns:
+        (N, H, W) bool, True where the manual label is trusted.
+    """
+    if manual.shape != prediction.shape or manual.ndim != 3:
+        raise ValueError(f"manual and prediction must be (N, H, W) of one shape, got {tuple(manual.shape)} and "
+                         f"{tuple(prediction.shape)}")
+    if num_classes < 2:
+        raise ValueError(f"need num_classes >= 2, got {num_classes}")
+    trusted = torch.zeros(manual.shape, dtype=torch.bool, device=manual.device)
+    background = manual == 0
+    for c in range(1, num_classes):
+        drawn, predicted = manual == c, prediction == c
+        beyond_drawn = (predicted & ~drawn).flatten(1).sum(1)  # the network's structure outside the manual mask
+        beyond_predicted = (drawn & ~predicted).flatten(1).sum(1)
+        under = (beyond_drawn > beyond_predicted)[:, None, None]
+        over = (beyond_predicted > beyond_drawn)[:, None, None]
+        trusted |= (under & drawn) | (over & predicted & background)
+    return trusted
 
 
 def adjacent_labels(labels: torch.Tensor, volume_sizes: list[int],

@@ -16,7 +16,7 @@ import torch
 
 from scripts.flags import as_flag
 from scripts.ignore_index import IGNORE_INDEX
-from scripts.repair import near_foreground, offset_repair
+from scripts.repair import near_foreground, offset_repair, trusted_side
 
 __all__ = ["TargetRules", "cleansed_targets", "leaves_out"]
 
@@ -53,6 +53,11 @@ class TargetRules:
         repair_radius: with ``agreement``, each structure of the manual label is first moved onto the network's
             prediction by the dilation or erosion of at most this many pixels that fits it best
             (:func:`scripts.repair.offset_repair`), and the agreement test compares with that repaired label.
+        trusted_side: with ``agreement``, a contested pixel also takes the manual label where that label is right
+            whichever way its contour was offset (:func:`scripts.repair.trusted_side`): inside a structure drawn
+            smaller than the prediction, and the background outside a structure drawn larger. Agreement alone never
+            supervises a pixel the network gets wrong; this lets the annotator correct the network on the side of
+            the contour that an over- or under-drawn outline cannot have got wrong.
         leave_out_separation: when GMM-1's separation (Ashman's D, ``gmm1_separation``) in the run's first round
             reaches this value, every cleansed slice carries no supervision, for the rest of the run, whatever the
             other rules say (``None``: never). A first round whose losses split into two well separated
@@ -71,17 +76,19 @@ class TargetRules:
     ignore_drawn: bool = False
     empty_margin: int | None = None
     repair_radius: int | None = None
+    trusted_side: bool = False
     leave_out_separation: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("agreement", "neighbour_fill", "ignore_empty", "ignore_drawn"):
+        for name in ("agreement", "neighbour_fill", "ignore_empty", "ignore_drawn", "trusted_side"):
             object.__setattr__(self, name, as_flag(getattr(self, name), f"rules#{name}"))
         if self.ignore_empty and self.empty_fill is not None:
             raise ValueError("ignore_empty and empty_fill exclude each other: a slice with an empty label is either "
                              "left out or filled")
         if self.repair_radius is not None and (not self.agreement or self.repair_radius < 0):
             raise ValueError(f"repair_radius ({self.repair_radius}) needs agreement=True and a radius >= 0")
-        refining = [name for name in ("agreement_confidence", "confident_fill", "empty_fill", "neighbour_fill")
+        refining = [name for name in ("agreement_confidence", "confident_fill", "empty_fill", "neighbour_fill",
+                                      "trusted_side")
                     if getattr(self, name) not in (None, False)]
         if refining and not self.agreement:
             raise ValueError(f"{', '.join(refining)} need agreement=True: they change which pixels the agreement "
@@ -129,7 +136,8 @@ def cleansed_targets(
         manual: (N, H, W) their manual labels.
         rules: which pixels to trust.
         num_classes: classes including background.
-        prediction: (N, H, W) the network's prediction; needed by ``repair_radius`` and ``empty_margin``.
+        prediction: (N, H, W) the network's prediction; needed by ``repair_radius``, ``empty_margin`` and
+            ``trusted_side``.
         confidence: (N, H, W) uint8, the predicted class's probability times 255; needed by the probability rules.
         neighbours: the manual labels of each slice's previous and next slice in its volume
             (:func:`scripts.repair.adjacent_labels`); needed by ``neighbour_fill``.
@@ -146,7 +154,8 @@ def cleansed_targets(
     if leaves_out(rules, separation):
         return torch.full_like(candidates, IGNORE_INDEX), None
     needs = {
-        "prediction": prediction is None and (rules.repair_radius is not None or rules.empty_margin is not None),
+        "prediction": prediction is None and (rules.repair_radius is not None or rules.empty_margin is not None
+                                              or rules.trusted_side),
         "confidence": confidence is None and any(
             p is not None for p in (rules.agreement_confidence, rules.confident_fill, rules.empty_fill)),
         "neighbours": neighbours is None and rules.neighbour_fill,
@@ -173,6 +182,10 @@ def cleansed_targets(
         if rules.neighbour_fill:
             previous, following = neighbours
             keep |= empty & (targets != 0) & ((targets == previous) | (targets == following))
+        if rules.trusted_side:
+            trusted = trusted_side(manual, prediction, num_classes)
+            targets[trusted] = manual[trusted].to(targets.dtype)
+            keep |= trusted
         targets[~keep] = IGNORE_INDEX
         if rules.empty_margin is not None:
             targets[empty & near_foreground(prediction, rules.empty_margin) & (targets == 0)] = IGNORE_INDEX

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from scripts.ignore_index import IGNORE_INDEX
-from scripts.repair import offset_mask, signed_distance
+from scripts.noise import _boundary_noise
+from scripts.repair import offset_mask, signed_distance, trusted_side
 from scripts.targets import TargetRules, cleansed_targets
 
 U = IGNORE_INDEX
@@ -123,3 +124,45 @@ def test_bad_input_names_the_problem():
 def test_rules_that_cannot_work_together_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TargetRules(**kwargs)
+
+
+def test_trusted_side_keeps_the_inside_of_a_tight_contour_and_the_outside_of_a_wide_one():
+    # slice 0: class 1 drawn tighter than predicted, class 2 drawn wider; slice 1 missed (empty label)
+    manual = maps([[0, 1, 0, 0, 2, 2], [0, 1, 0, 0, 2, 2]],
+                  [[0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    pred = maps([[1, 1, 1, 0, 0, 2], [1, 1, 1, 0, 0, 2]],
+                [[1, 1, 0, 0, 2, 0], [0, 0, 0, 0, 0, 0]])
+    pred[0, 0, 1] = 0  # one pixel of the tight structure the network misses: the annotator is right there
+    manual[0, 0, 3], pred[0, 0, 3] = 0, 2  # and one background pixel it calls class 2: right again
+    trusted = trusted_side(manual, pred, 3)
+    assert trusted[0, 0, 1] and trusted[0, 0, 3]
+    assert not trusted[0, 0, 0] and not trusted[0, 1, 4], "the outside of a tight and the inside of a wide contour"
+    assert not trusted[1].any(), "a missed slice is right nowhere for sure"
+    targets, _ = cleansed_targets(pred, manual, TargetRules(agreement=True, trusted_side=True), 3, prediction=pred)
+    plain, _ = cleansed_targets(pred, manual, TargetRules(agreement=True), 3, prediction=pred)
+    assert targets[0, 0, 1] == 1 and targets[0, 0, 3] == 0, "contested pixels on the trusted side take the manual label"
+    assert plain[0, 0, 1] == U and plain[0, 0, 3] == U
+    assert targets[0, 0, 0] == U and targets[0, 1, 4] == U, "the other side stays unsupervised"
+    assert torch.equal(targets[1], plain[1])
+    with pytest.raises(ValueError, match="prediction"):
+        cleansed_targets(pred, manual, TargetRules(agreement=True, trusted_side=True), 3)
+    with pytest.raises(ValueError, match="trusted_side"):
+        TargetRules(trusted_side=True)
+
+
+def test_trusted_side_is_exact_on_simulated_boundary_noise():
+    # a network that errs on both sides of the true contours: wherever it lets each offset's direction be judged,
+    # the trusted pixels of a dilated or eroded structure carry the clean class
+    clean = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    clean[0, 4:24, 4:24] = 1
+    clean[0, 9:19, 9:19] = 2
+    network = clean.clone()
+    network[0, 1:4, 4:24] = 1  # beyond the ring's outer contour
+    network[0, 6, 6:22] = 0  # a row of the ring missed
+    network[0, 9, 9:19] = 1  # the inner structure's first row called ring
+    for ops in (("dilate", "erode"), ("erode", "dilate"), ("dilate", "dilate"), ("erode", "erode")):
+        noisy = torch.from_numpy(_boundary_noise(clean[0].numpy(), (1, 2), ops, (2, 2)))[None]
+        trusted = trusted_side(noisy, network, 3)
+        contested = trusted & (noisy != network)
+        assert contested.any(), ops
+        assert torch.equal(noisy[trusted], clean[trusted]), ops
