@@ -58,7 +58,7 @@ def _last_round(path: Path) -> dict:
     keep = ("filter_precision", "filter_recall", "dice_pseudo_vs_clean", "dice_manual_vs_clean",
             "noisy_dice_pseudo_vs_clean", "noisy_dice_manual_vs_clean", "pooled_dice_manual_vs_clean",
             "pooled_dice_pseudo_vs_clean", "pseudo_supervised", "noisy_pooled_dice_manual_vs_clean",
-            "noisy_pooled_dice_pseudo_vs_clean", "noisy_pseudo_supervised")
+            "noisy_pooled_dice_pseudo_vs_clean", "noisy_pseudo_supervised", "noisy_manual_wrong", "noisy_pseudo_wrong")
     return {k: float(rows[-1][k]) for k in keep if rows and rows[-1].get(k) not in (None, "")}
 
 

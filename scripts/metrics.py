@@ -6,7 +6,7 @@ import torch
 
 from scripts.filtering import filter_precision_recall
 
-__all__ = ["noisy_slices", "label_dice", "pooled_dice", "supervised_fraction", "cleansing_quality"]
+__all__ = ["noisy_slices", "label_dice", "pooled_dice", "supervised_fraction", "wrong_fraction", "cleansing_quality"]
 
 
 def noisy_slices(manual: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
@@ -65,14 +65,26 @@ def supervised_fraction(labels: torch.Tensor, ignore_index: int = 255) -> float:
     return float((labels != ignore_index).double().mean()) if labels.numel() else 1.0
 
 
+def wrong_fraction(labels: torch.Tensor, clean: torch.Tensor, ignore_index: int = 255) -> float:
+    """The share of the supervised pixels of ``labels`` (those not ``ignore_index``) whose class differs from
+    ``clean``: how much of what a label set teaches is wrong, which Dice, dominated by large structures, hides."""
+    if labels.shape != clean.shape:
+        raise ValueError(f"label maps differ in shape: {tuple(labels.shape)} vs {tuple(clean.shape)}")
+    supervised = labels != ignore_index
+    count = int(supervised.sum())
+    return int((supervised & (labels.long() != clean.long())).sum()) / count if count else 0.0
+
+
 def cleansing_quality(manual: torch.Tensor, pseudo: torch.Tensor, prediction: torch.Tensor, clean: torch.Tensor,
                       num_classes: int, flagged_noisy: torch.Tensor | None = None) -> dict[str, float]:
     """How close a round's labels came to the clean ones, where simulated noise keeps them (the round's report).
 
     Dice against ``clean`` of the manual labels, the new pseudo-labels and the prediction, per slice and pooled,
     and the share of pixels the pseudo-labels supervise; the same again (``noisy_*``) on the slices whose manual
-    label differs from the clean one, when there are any. Given the slices the filter ``flagged_noisy``, the
-    report starts with the filter's precision and recall against those truly noisy slices.
+    label differs from the clean one, when there are any, with the share of the supervised pixels that carry a wrong
+    class in the manual labels and in the pseudo-labels (``noisy_manual_wrong``, ``noisy_pseudo_wrong``). Given the
+    slices the filter ``flagged_noisy``, the report starts with the filter's precision and recall against those
+    truly noisy slices.
     """
     noisy = noisy_slices(manual, clean)
     report = {}
@@ -94,5 +106,7 @@ def cleansing_quality(manual: torch.Tensor, pseudo: torch.Tensor, prediction: to
             noisy_pooled_dice_manual_vs_clean=pooled_dice(manual, clean, num_classes),
             noisy_pooled_dice_pseudo_vs_clean=pooled_dice(pseudo, clean, num_classes),
             noisy_pseudo_supervised=supervised_fraction(pseudo),
+            noisy_manual_wrong=wrong_fraction(manual, clean),
+            noisy_pseudo_wrong=wrong_fraction(pseudo, clean),
         )
     return report

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from scripts.engine import HybridPrepareBatch
 from scripts.ignore_index import IGNORE_INDEX
 from scripts.losses import HybridLoss, SegmentationLoss, class_bits, classes_from_bits
-from scripts.metrics import cleansing_quality, label_dice, pooled_dice, supervised_fraction
+from scripts.metrics import cleansing_quality, label_dice, pooled_dice, supervised_fraction, wrong_fraction
 from scripts.schedule import by_schedule, hybrid_weights
 from scripts.store import PseudoLabelStore
 
@@ -451,6 +451,11 @@ def test_pooled_dice_and_supervised_fraction_crafted():
     pseudo[1, 3, :] = 255
     assert pooled_dice(pseudo, clean, num_classes=3) == pytest.approx((1.0 + 2 / 3) / 2)
     assert supervised_fraction(pseudo) == pytest.approx(1 - 5 / 32)
+    # of the 27 supervised pixels one is wrong (the missed class-2 pixel); nothing supervised, nothing wrong
+    assert wrong_fraction(pseudo, clean) == pytest.approx(1 / 27)
+    assert wrong_fraction(torch.full_like(clean, 255), clean) == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        wrong_fraction(pseudo, clean[:1])
     # a slice that lost its mask, next to a pseudo-label that is right but for one pixel: per-sample Dice says 0,
     # pooled Dice over the two slices weighs the one pixel
     lost = torch.stack([clean[0], torch.zeros_like(clean[0])])
@@ -577,6 +582,9 @@ def test_cleansing_quality_reports_all_slices_and_the_noisy_ones():
     assert report["dice_pred_vs_clean"] == 0.0
     assert report["pseudo_supervised"] == pytest.approx(47 / 48)
     assert report["noisy_pseudo_supervised"] == pytest.approx(15 / 16)
+    # slice 1: the manual label is wrong on its 4 class-1 pixels of 16; the pseudo-label on 1 of its 15 supervised
+    assert report["noisy_manual_wrong"] == pytest.approx(4 / 16)
+    assert report["noisy_pseudo_wrong"] == pytest.approx(1 / 15)
     assert "filter_precision" not in report
     # the filter flagged slices 1 and 2: one of the two is truly noisy, and it is the only one
     flagged = cleansing_quality(manual, pseudo, prediction, clean, 2, flagged_noisy=torch.tensor([False, True, True]))
