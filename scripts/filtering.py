@@ -471,6 +471,13 @@ class LabelFilter:
             (``SegmentationLoss(kind="dicece")``), whose confident predictions pile up the missed labels while
             many wrong ones stay below (ACDC, collapse profile), 0.9 otherwise (under soft Dice, share 0 flagged
             more correct labels and cost 5 points at the CPU profile; docs/experiments.md).
+        peel_keep: once a round of the run has used the refit of ``peel_saturated`` (the caller says so,
+            ``peeled_before`` of :meth:`__call__`), later rounds use it whenever it fits, without its separation
+            guard. The guard keeps a forced split out of the early rounds, where correct and wrong labels still
+            overlap in loss; once a run has shown two separated populations besides the pile, a later round whose
+            separation falls just below the guard measures the same populations, and falling back to the first fit
+            would hand every merely wrong label back to its manual label (left atrium: recall 0.66-0.72 in the
+            rounds with the refit, 0.52-0.56 after it).
         train_loss: the training loss, read by ``peel_pile_share="auto"`` only.
         skip_trusted: samples whose manual label the caller marks as trusted (``trusted`` of :meth:`__call__`; the
             slices :class:`~scripts.data.SliceDataset` takes as truly empty, ``trusted_empty_run``) are Clean and
@@ -482,7 +489,7 @@ class LabelFilter:
 
     def __init__(self, loss=None, enabled: bool = True, unlabelled_as_noisy: bool = True, refresh: bool = False,
                  peel_saturated: bool = False, peel_pile_share: float | str = PILE_SHARE, skip_trusted: bool = True,
-                 train_loss=None, seed: int = 0) -> None:
+                 peel_keep: bool = False, train_loss=None, seed: int = 0) -> None:
         self.loss = loss if loss is not None else SegmentationLoss("dice")
         self.enabled, self.seed = as_flag(enabled, "label_filter#enabled"), int(seed)
         self.unlabelled_as_noisy = as_flag(unlabelled_as_noisy, "label_filter#unlabelled_as_noisy")
@@ -497,23 +504,28 @@ class LabelFilter:
         if not 0.0 <= self.peel_pile_share <= 1.0:
             raise ValueError(f"label_filter#peel_pile_share must lie in [0, 1], got {peel_pile_share!r}")
         self.skip_trusted = as_flag(skip_trusted, "label_filter#skip_trusted")
+        self.peel_keep = as_flag(peel_keep, "label_filter#peel_keep")
+        if self.peel_keep and not self.peel_saturated:
+            raise ValueError("label_filter#peel_keep keeps the refit of peel_saturated: it needs peel_saturated=True")
 
     def __repr__(self) -> str:
         return (f"LabelFilter(enabled={self.enabled}, unlabelled_as_noisy={self.unlabelled_as_noisy}, "
                 f"refresh={self.refresh}, peel_saturated={self.peel_saturated}, "
-                f"peel_pile_share={self.peel_pile_share}, skip_trusted={self.skip_trusted}, seed={self.seed})")
+                f"peel_pile_share={self.peel_pile_share}, skip_trusted={self.skip_trusted}, "
+                f"peel_keep={self.peel_keep}, seed={self.seed})")
 
     def __call__(self, manual_loss: torch.Tensor, pseudo_loss: torch.Tensor, has_pseudo: torch.Tensor,
-                 trusted: torch.Tensor | None = None) -> Verdicts:
+                 trusted: torch.Tensor | None = None, peeled_before: bool = False) -> Verdicts:
         """Verdicts from the (N,) losses against manual and pseudo-labels; ``has_pseudo`` (N,) marks the samples
         that hold a pseudo-label already, ``trusted`` (N,) those whose manual label is known to be right
-        (``skip_trusted``)."""
+        (``skip_trusted``); ``peeled_before`` says that an earlier round of the run used the peel's refit
+        (``peel_keep``)."""
         n = manual_loss.shape[0]
         trusted = torch.zeros(n, dtype=torch.bool) if trusted is None or not self.skip_trusted else \
             torch.as_tensor(trusted, dtype=torch.bool).reshape(-1).cpu()
         if trusted.numel() != n:
             raise ValueError(f"trusted must mark each of the {n} samples, got {trusted.numel()} flags")
-        manual = self._fit_manual(_as_loss_vector(manual_loss)[~trusted])
+        manual = self._fit_manual(_as_loss_vector(manual_loss)[~trusted], keep_refit=self.peel_keep and peeled_before)
         if trusted.any():
             manual = spread_result(manual, ~trusted, manual_loss, others_clean=True, trusted=int(trusted.sum()))
         has = torch.as_tensor(has_pseudo, dtype=torch.bool).cpu()
@@ -530,7 +542,8 @@ class LabelFilter:
             actions[:] = CLEANSE
         return Verdicts(manual, pseudo, pseudo_clean, pseudo_prob, actions)
 
-    def _fit_manual(self, losses: torch.Tensor) -> FilterResult:
+    def _fit_manual(self, losses: torch.Tensor, keep_refit: bool = False) -> FilterResult:
         if self.peel_saturated:
-            return gmm_filter_peeled(losses, pile_share=self.peel_pile_share, seed=self.seed)
+            guard = {"min_refit_separation": 0.0} if keep_refit else {}
+            return gmm_filter_peeled(losses, pile_share=self.peel_pile_share, seed=self.seed, **guard)
         return gmm_filter(losses, seed=self.seed)

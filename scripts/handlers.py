@@ -233,8 +233,10 @@ class SelfCleansing:
     def filter(self, rnd: CleansingRound) -> None:
         """The label filter's verdicts on the round's losses."""
         # slices the data set knows to be right (SliceDataset.trusted) are not judged by their loss
+        # the store's round history is checkpointed, so a resumed run knows whether the peel's refit was used
+        peeled_before = any(summary.get("gmm1_saturated", 0) > 0 for summary in self.store.rounds)
         verdicts = self.label_filter(rnd.manual_loss, rnd.pseudo_loss, self.store.has_pseudo.clone(),
-                                     trusted=getattr(self.dataset, "trusted", None))
+                                     trusted=getattr(self.dataset, "trusted", None), peeled_before=peeled_before)
         rnd.manual_filter, rnd.pseudo_filter = verdicts.manual, verdicts.pseudo
         rnd.actions, rnd.pseudo_clean_prob = verdicts.actions, verdicts.pseudo_clean_prob
         rnd.summary.update(epoch=rnd.epoch, **verdicts.summary())

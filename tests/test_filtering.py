@@ -240,6 +240,26 @@ def test_the_first_fit_stays_when_the_others_do_not_split_cleanly():
     assert torch.equal(gmm_filter_peeled(few).clean, gmm_filter(few).clean)
 
 
+def test_peel_keep_keeps_the_refit_once_a_round_has_used_it():
+    """A refit whose separation falls just below the guard: the first fit (the pile alone Noisy) comes back unless an
+    earlier round of the run used the refit and ``peel_keep`` is on."""
+    rng = np.random.default_rng(3)
+    overlapping = torch.tensor(np.r_[rng.normal(0.40, 0.15, 150), rng.normal(0.62, 0.15, 60), np.ones(80)])
+    has = torch.zeros(290, dtype=torch.bool)
+    guarded = LabelFilter(peel_saturated=True, peel_pile_share=0.0)
+    keeping = LabelFilter(peel_saturated=True, peel_pile_share=0.0, peel_keep=True)
+    first = guarded(overlapping, overlapping, has, peeled_before=True)
+    assert first.summary()["gmm1_saturated"] == 0 and first.manual.n_noisy < 90  # the pile and little else
+    # no earlier refit: the guard holds as without the rule
+    assert keeping(overlapping, overlapping, has).summary()["gmm1_saturated"] == 0
+    kept = keeping(overlapping, overlapping, has, peeled_before=True)
+    assert kept.summary()["gmm1_saturated"] == 80
+    assert kept.manual.noisy[210:].all() and 80 < kept.manual.n_noisy < 290
+    assert "peel_keep=True" in repr(keeping)
+    with pytest.raises(ValueError, match="peel_saturated"):
+        LabelFilter(peel_keep=True)
+
+
 def test_a_pile_share_of_zero_peels_where_the_first_fit_also_took_the_worst_wrong_labels():
     """Wrong labels in the middle, others between them and the pile (ACDC, collapse profile, seed 0: 64% of GMM-1's
     Noisy calls in the pile): the first fit calls the pile and the upper ones Noisy, so the default share (0.9) keeps

@@ -573,3 +573,26 @@ def test_leave_out_separation_follows_the_first_rounds_separation(caplog):
     assert torch.equal(store.labels, plain.labels)
     with pytest.raises(ValueError, match="leave_out_separation"):
         TargetRules(agreement=True, leave_out_separation=0.0)
+
+
+def test_the_filter_hears_whether_an_earlier_round_used_the_peels_refit():
+    """``LabelFilter(peel_keep=True)`` needs the run's history; the handler reads it from the store's round
+    summaries, which the state checkpoint holds, so a resumed run decides as an uninterrupted one."""
+    seen = []
+
+    class Recording(LabelFilter):
+        def __call__(self, *args, peeled_before=False, **kwargs):
+            seen.append(peeled_before)
+            return super().__call__(*args, peeled_before=peeled_before, **kwargs)
+
+    ds = toy_dataset(missing=(1, 5))
+    store = PseudoLabelStore("zeros")
+    handler = SelfCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, source=Prediction(),
+                            rules=TargetRules(), label_filter=Recording(peel_saturated=True, peel_keep=True))
+    store.initialise(ds.labels())
+    for history in ([], [{"gmm1_saturated": 0}], [{"gmm1_saturated": 0}, {"gmm1_saturated": 12}, {}]):
+        store.rounds[:] = history
+        rnd = CleansingRound(epoch=len(history) + 1, index=len(history) + 1)
+        handler.collect(rnd)
+        handler.filter(rnd)
+    assert seen == [False, False, True]
