@@ -56,6 +56,7 @@ __all__ = [
     "filter_precision_recall",
     "LabelFilter",
     "Verdicts",
+    "refit_used",
 ]
 
 KEEP_MANUAL = 0
@@ -71,6 +72,8 @@ logger = logging.getLogger(__name__)
 
 # the share of GMM-1's Noisy calls that must lie in the saturated pile before the peel is tried (bundle version 0.9.0)
 PILE_SHARE = 0.9
+# the separation (Ashman's D) the peel's refit must reach to be used (bundle version 0.9.0)
+MIN_REFIT_SEPARATION = 3.0
 
 
 def _as_loss_vector(losses) -> torch.Tensor:
@@ -282,7 +285,7 @@ def saturated_pile(losses: torch.Tensor, tol: float = 0.01) -> torch.Tensor:
 
 
 def gmm_filter_peeled(losses: torch.Tensor, tol: float = 0.01, min_share: float = 0.05, pile_share: float = PILE_SHARE,
-                      min_refit_separation: float = 3.0, **gmm_kwargs) -> FilterResult:
+                      min_refit_separation: float = MIN_REFIT_SEPARATION, **gmm_kwargs) -> FilterResult:
     """:func:`gmm_filter`, fitted again without the saturated losses when its Noisy side is only those.
 
     Samples whose prediction misses their label altogether (a missed slice, a structure drawn where there is none)
@@ -436,6 +439,11 @@ class Verdicts:
         )
 
 
+def refit_used(summaries) -> bool:
+    """Whether any of these round summaries (:meth:`Verdicts.summary`) kept the peel's refit of GMM-1."""
+    return any(summary.get("gmm1_saturated", 0) > 0 for summary in summaries)
+
+
 def auto_pile_share(train_loss) -> float:
     """``peel_pile_share="auto"``: 0 when the training loss has a cross-entropy term, :data:`PILE_SHARE` otherwise
     (logged)."""
@@ -544,6 +552,6 @@ class LabelFilter:
 
     def _fit_manual(self, losses: torch.Tensor, keep_refit: bool = False) -> FilterResult:
         if self.peel_saturated:
-            guard = {"min_refit_separation": 0.0} if keep_refit else {}
-            return gmm_filter_peeled(losses, pile_share=self.peel_pile_share, seed=self.seed, **guard)
+            return gmm_filter_peeled(losses, pile_share=self.peel_pile_share, seed=self.seed,
+                                     min_refit_separation=0.0 if keep_refit else MIN_REFIT_SEPARATION)
         return gmm_filter(losses, seed=self.seed)

@@ -19,7 +19,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from scripts.engine import CleansingEvents
-from scripts.filtering import CLEANSE, KEEP_MANUAL, FilterResult, LabelFilter
+from scripts.filtering import CLEANSE, KEEP_MANUAL, FilterResult, LabelFilter, refit_used
 from scripts.flags import as_flag
 from scripts.losses import HybridLoss, probabilities
 from scripts.metrics import cleansing_quality
@@ -234,9 +234,9 @@ class SelfCleansing:
         """The label filter's verdicts on the round's losses."""
         # slices the data set knows to be right (SliceDataset.trusted) are not judged by their loss
         # the store's round history is checkpointed, so a resumed run knows whether the peel's refit was used
-        peeled_before = any(summary.get("gmm1_saturated", 0) > 0 for summary in self.store.rounds)
         verdicts = self.label_filter(rnd.manual_loss, rnd.pseudo_loss, self.store.has_pseudo.clone(),
-                                     trusted=getattr(self.dataset, "trusted", None), peeled_before=peeled_before)
+                                     trusted=getattr(self.dataset, "trusted", None),
+                                     peeled_before=refit_used(self.store.rounds))
         rnd.manual_filter, rnd.pseudo_filter = verdicts.manual, verdicts.pseudo
         rnd.actions, rnd.pseudo_clean_prob = verdicts.actions, verdicts.pseudo_clean_prob
         rnd.summary.update(epoch=rnd.epoch, **verdicts.summary())
