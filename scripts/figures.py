@@ -104,8 +104,10 @@ def _show_panels(panels: list[list[np.ndarray]], row_names=(), column_names=()) 
     return _to_rgb(fig)
 
 
-def gmm_figure(losses: torch.Tensor, result: FilterResult, title: str, true_noisy: torch.Tensor | None = None):
-    """Histogram of the normalised losses with the two fitted Gaussians; split by the true flags when known.
+def gmm_figure(losses: torch.Tensor, result: FilterResult, title: str, true_noisy: torch.Tensor | None = None,
+               xlabel: str = "normalised per-sample loss"):
+    """Histogram of the normalised losses (or of the statistic the mixture was fitted on, named by ``xlabel``) with
+    the two fitted Gaussians; split by the true flags when known.
     Drawn as filled outlines: one polygon per group draws much faster than a rectangle per bin."""
     x = normalise_losses(losses).numpy()
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
@@ -122,7 +124,7 @@ def gmm_figure(losses: torch.Tensor, result: FilterResult, title: str, true_nois
         pdfs = np.asarray(result.component_pdfs(grid))
         for pdf, name, colour in zip(pdfs, ("clean component", "noisy component"), ("green", "red")):
             ax.plot(grid, pdf, color=colour, lw=2, label=name)
-    ax.set_xlabel("normalised per-sample loss")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
     ax.set_title(f"{title} ({result.status}): {int(result.clean.sum())} clean / {int((~result.clean).sum())} noisy",
                  fontsize=9)

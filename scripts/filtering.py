@@ -74,6 +74,8 @@ logger = logging.getLogger(__name__)
 PILE_SHARE = 0.9
 # the separation (Ashman's D) the peel's refit must reach to be used (bundle version 0.9.0)
 MIN_REFIT_SEPARATION = 3.0
+# what the peel's refit can judge the samples outside the pile by (LabelFilter.refit_statistic)
+REFIT_STATISTICS = ("loss", "contour_offset")
 
 
 def _as_loss_vector(losses) -> torch.Tensor:
@@ -285,7 +287,8 @@ def saturated_pile(losses: torch.Tensor, tol: float = 0.01) -> torch.Tensor:
 
 
 def gmm_filter_peeled(losses: torch.Tensor, tol: float = 0.01, min_share: float = 0.05, pile_share: float = PILE_SHARE,
-                      min_refit_separation: float = MIN_REFIT_SEPARATION, **gmm_kwargs) -> FilterResult:
+                      min_refit_separation: float = MIN_REFIT_SEPARATION, refit_on: torch.Tensor | None = None,
+                      refit_name: str = "loss", **gmm_kwargs) -> FilterResult:
     """:func:`gmm_filter`, fitted again without the saturated losses when its Noisy side is only those.
 
     Samples whose prediction misses their label altogether (a missed slice, a structure drawn where there is none)
@@ -299,21 +302,29 @@ def gmm_filter_peeled(losses: torch.Tensor, tol: float = 0.01, min_share: float 
     others flags many clean labels (ACDC at the CPU profile, soft Dice, first round: D 2.2, precision 0.80 against
     0.91 for the single fit; in the collapse regime D 3.8 to 4.3). Otherwise the first fit is returned unchanged.
 
-    A refitted result gives its parameters in the normalised units of all the losses, its weights scaled by the
-    share of samples it saw, so figures draw it over the histogram of all of them; ``extra["saturated"]`` is the
-    pile's size.
+    ``refit_on`` (N,), named ``refit_name``, replaces the losses in the second fit: the pile is still found on the
+    losses, and the other samples are judged by that statistic (:func:`scripts.contours.contour_offset`: a label
+    drawn too wide or too tight lies among the correct ones in loss, not in contour displacement).
+
+    A refitted result gives its parameters in the normalised units of all the values it was fitted on (the losses,
+    or ``refit_on``; ``extra["statistic"]`` names them), its weights scaled by the share of samples it saw, so
+    figures draw it over the histogram of all of them; ``extra["saturated"]`` is the pile's size.
     """
     raw = _as_loss_vector(losses)
+    values = raw if refit_on is None else _as_loss_vector(refit_on)
+    if values.numel() != raw.numel():
+        raise ValueError(f"refit_on ({refit_name}) must give one value per sample: {values.numel()} values for "
+                         f"{raw.numel()} losses")
     first = gmm_filter(raw, **gmm_kwargs)
     pile = saturated_pile(raw, tol)
     flagged = first.noisy
     if (first.status != STATUS_OK or int(pile.sum()) < max(2.0, min_share * raw.numel())
             or int((pile & flagged).sum()) < pile_share * int(flagged.sum())):
         return first
-    rest = gmm_filter(raw[~pile], **gmm_kwargs)
+    rest = gmm_filter(values[~pile], **gmm_kwargs)
     if rest.status != STATUS_OK or rest.separation < min_refit_separation:
         return first
-    return spread_result(rest, ~pile, raw, others_clean=False, saturated=int(pile.sum()))
+    return spread_result(rest, ~pile, values, others_clean=False, saturated=int(pile.sum()), statistic=refit_name)
 
 
 def spread_result(part: FilterResult, judged: torch.Tensor, losses: torch.Tensor, others_clean: bool,
@@ -435,6 +446,7 @@ class Verdicts:
             pseudo_filter_status=self.pseudo.status if self.pseudo is not None else "no_pseudo_labels",
             **_mixture_summary("gmm1", self.manual),
             gmm1_saturated=self.manual.extra.get("saturated", 0),
+            gmm1_statistic=self.manual.extra.get("statistic", "loss"),
             gmm1_trusted=self.manual.extra.get("trusted", 0),
         )
 
@@ -486,6 +498,13 @@ class LabelFilter:
             separation falls just below the guard measures the same populations, and falling back to the first fit
             would hand every merely wrong label back to its manual label (left atrium: recall 0.66-0.72 in the
             rounds with the refit, 0.52-0.56 after it).
+        refit_statistic: what the peel's refit judges the samples outside the pile by: ``"loss"`` (the paper's
+            statistic, as GMM-1's first fit) or ``"contour_offset"``, the mean displacement between the manual and
+            the predicted contours (:func:`scripts.contours.contour_offset`, passed to :meth:`__call__`). Once the
+            missed labels are peeled off, most wrong labels left are drawn too wide or too tight; against a
+            reasonable prediction they are wrong on one side of the contour all the way round, and their loss
+            overlaps with that of correct labels, whose errors fall on both sides (left atrium: recall 0.52-0.56
+            with the loss; docs/README.md). Needs ``peel_saturated``.
         train_loss: the training loss, read by ``peel_pile_share="auto"`` only.
         skip_trusted: samples whose manual label the caller marks as trusted (``trusted`` of :meth:`__call__`; the
             slices :class:`~scripts.data.SliceDataset` takes as truly empty, ``trusted_empty_run``) are Clean and
@@ -497,7 +516,7 @@ class LabelFilter:
 
     def __init__(self, loss=None, enabled: bool = True, unlabelled_as_noisy: bool = True, refresh: bool = False,
                  peel_saturated: bool = False, peel_pile_share: float | str = PILE_SHARE, skip_trusted: bool = True,
-                 peel_keep: bool = False, train_loss=None, seed: int = 0) -> None:
+                 peel_keep: bool = False, refit_statistic: str = "loss", train_loss=None, seed: int = 0) -> None:
         self.loss = loss if loss is not None else SegmentationLoss("dice")
         self.enabled, self.seed = as_flag(enabled, "label_filter#enabled"), int(seed)
         self.unlabelled_as_noisy = as_flag(unlabelled_as_noisy, "label_filter#unlabelled_as_noisy")
@@ -515,27 +534,46 @@ class LabelFilter:
         self.peel_keep = as_flag(peel_keep, "label_filter#peel_keep")
         if self.peel_keep and not self.peel_saturated:
             raise ValueError("label_filter#peel_keep keeps the refit of peel_saturated: it needs peel_saturated=True")
+        if refit_statistic not in REFIT_STATISTICS:
+            raise ValueError(f"label_filter#refit_statistic must be one of {REFIT_STATISTICS}, got {refit_statistic!r}")
+        if refit_statistic != "loss" and not self.peel_saturated:
+            raise ValueError(f"label_filter#refit_statistic {refit_statistic!r} chooses what the refit of "
+                             "peel_saturated judges: it needs peel_saturated=True")
+        self.refit_statistic = refit_statistic
 
     def __repr__(self) -> str:
         return (f"LabelFilter(enabled={self.enabled}, unlabelled_as_noisy={self.unlabelled_as_noisy}, "
                 f"refresh={self.refresh}, peel_saturated={self.peel_saturated}, "
                 f"peel_pile_share={self.peel_pile_share}, skip_trusted={self.skip_trusted}, "
-                f"peel_keep={self.peel_keep}, seed={self.seed})")
+                f"peel_keep={self.peel_keep}, refit_statistic={self.refit_statistic!r}, seed={self.seed})")
 
     def __call__(self, manual_loss: torch.Tensor, pseudo_loss: torch.Tensor, has_pseudo: torch.Tensor,
-                 trusted: torch.Tensor | None = None, peeled_before: bool = False) -> Verdicts:
+                 trusted: torch.Tensor | None = None, peeled_before: bool = False,
+                 contour_offset: torch.Tensor | None = None) -> Verdicts:
         """Verdicts from the (N,) losses against manual and pseudo-labels; ``has_pseudo`` (N,) marks the samples
         that hold a pseudo-label already, ``trusted`` (N,) those whose manual label is known to be right
         (``skip_trusted``); ``peeled_before`` says that an earlier round of the run used the peel's refit
-        (``peel_keep``)."""
+        (``peel_keep``); ``contour_offset`` (N,) is what the refit judges with ``refit_statistic="contour_offset"``."""
         n = manual_loss.shape[0]
         trusted = torch.zeros(n, dtype=torch.bool) if trusted is None or not self.skip_trusted else \
             torch.as_tensor(trusted, dtype=torch.bool).reshape(-1).cpu()
         if trusted.numel() != n:
             raise ValueError(f"trusted must mark each of the {n} samples, got {trusted.numel()} flags")
-        manual = self._fit_manual(_as_loss_vector(manual_loss)[~trusted], keep_refit=self.peel_keep and peeled_before)
+        refit_on = None
+        if self.refit_statistic == "contour_offset":
+            if contour_offset is None:
+                raise ValueError("label_filter#refit_statistic 'contour_offset' judges the refit by the contour "
+                                 "offset of each sample: pass contour_offset (scripts.contours.contour_offset)")
+            refit_on = _as_loss_vector(contour_offset)
+            if refit_on.numel() != n:
+                raise ValueError(f"contour_offset must give one value for each of the {n} samples, got "
+                                 f"{refit_on.numel()}")
+        manual = self._fit_manual(_as_loss_vector(manual_loss)[~trusted], keep_refit=self.peel_keep and peeled_before,
+                                  refit_on=None if refit_on is None else refit_on[~trusted])
         if trusted.any():
-            manual = spread_result(manual, ~trusted, manual_loss, others_clean=True, trusted=int(trusted.sum()))
+            # the parameters are in the units of what the fit saw, so they are spread over those values
+            seen = refit_on if manual.extra.get("statistic", "loss") != "loss" else manual_loss
+            manual = spread_result(manual, ~trusted, seen, others_clean=True, trusted=int(trusted.sum()))
         has = torch.as_tensor(has_pseudo, dtype=torch.bool).cpu()
         judged = (has if self.unlabelled_as_noisy else torch.ones_like(has)) & ~trusted
         pseudo, pseudo_clean, pseudo_prob = None, torch.zeros(n, dtype=torch.bool), torch.zeros(n)
@@ -550,8 +588,10 @@ class LabelFilter:
             actions[:] = CLEANSE
         return Verdicts(manual, pseudo, pseudo_clean, pseudo_prob, actions)
 
-    def _fit_manual(self, losses: torch.Tensor, keep_refit: bool = False) -> FilterResult:
+    def _fit_manual(self, losses: torch.Tensor, keep_refit: bool = False,
+                    refit_on: torch.Tensor | None = None) -> FilterResult:
         if self.peel_saturated:
             return gmm_filter_peeled(losses, pile_share=self.peel_pile_share, seed=self.seed,
-                                     min_refit_separation=0.0 if keep_refit else MIN_REFIT_SEPARATION)
+                                     min_refit_separation=0.0 if keep_refit else MIN_REFIT_SEPARATION,
+                                     refit_on=refit_on, refit_name=self.refit_statistic)
         return gmm_filter(losses, seed=self.seed)

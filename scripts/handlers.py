@@ -18,6 +18,7 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.contours import contour_offset
 from scripts.engine import CleansingEvents
 from scripts.filtering import CLEANSE, KEEP_MANUAL, FilterResult, LabelFilter, refit_used
 from scripts.flags import as_flag
@@ -75,6 +76,7 @@ class CleansingRound:
     prediction: torch.Tensor | None = None
     candidates: torch.Tensor | None = None
     confidence: torch.Tensor | None = None
+    contour_offset: torch.Tensor | None = None
     manual_filter: FilterResult | None = None
     pseudo_filter: FilterResult | None = None
     actions: torch.Tensor | None = None
@@ -234,9 +236,11 @@ class SelfCleansing:
         """The label filter's verdicts on the round's losses."""
         # slices the data set knows to be right (SliceDataset.trusted) are not judged by their loss
         # the store's round history is checkpointed, so a resumed run knows whether the peel's refit was used
+        if self.label_filter.refit_statistic == "contour_offset":
+            rnd.contour_offset = contour_offset(rnd.prediction, self.dataset.labels(), self.num_classes)
         verdicts = self.label_filter(rnd.manual_loss, rnd.pseudo_loss, self.store.has_pseudo.clone(),
                                      trusted=getattr(self.dataset, "trusted", None),
-                                     peeled_before=refit_used(self.store.rounds))
+                                     peeled_before=refit_used(self.store.rounds), contour_offset=rnd.contour_offset)
         rnd.manual_filter, rnd.pseudo_filter = verdicts.manual, verdicts.pseudo
         rnd.actions, rnd.pseudo_clean_prob = verdicts.actions, verdicts.pseudo_clean_prob
         rnd.summary.update(epoch=rnd.epoch, **verdicts.summary())

@@ -277,8 +277,13 @@ class CleansingImages:
         clean = ds.clean_labels() if hasattr(ds, "clean_labels") else None
         manual = ds.labels()
         true_noisy = noisy_slices(manual, clean) if clean is not None else None
-        self._emit(f"{tag}_gmm_manual", gmm_figure(rnd.manual_loss, rnd.manual_filter, "GMM-1 on L(ŷ, y)",
-                                                    true_noisy), rnd.epoch)
+        if rnd.manual_filter.extra.get("statistic") == "contour_offset":
+            # the refit's parameters describe the contour offsets, so they are drawn over those
+            figure = gmm_figure(rnd.contour_offset, rnd.manual_filter, "GMM-1 refit on contour offset", true_noisy,
+                                xlabel="normalised contour offset")
+        else:
+            figure = gmm_figure(rnd.manual_loss, rnd.manual_filter, "GMM-1 on L(ŷ, y)", true_noisy)
+        self._emit(f"{tag}_gmm_manual", figure, rnd.epoch)
         _rewrite_csv(os.path.join(self.output_dir, f"{tag}_losses.csv"), *round_losses(rnd, true_noisy))
         ids = torch.nonzero(rnd.actions == CLEANSE).flatten()[: self.n_examples]
         if len(ids) == 0:
@@ -301,6 +306,8 @@ def round_losses(rnd: CleansingRound, true_noisy: torch.Tensor | None = None) ->
     columns = {"manual_loss": rnd.manual_loss, "pseudo_loss": rnd.pseudo_loss,
                "manual_clean_prob": rnd.manual_filter.clean_prob, "pseudo_clean_prob": rnd.pseudo_clean_prob,
                "action": rnd.actions}
+    if rnd.contour_offset is not None:
+        columns["contour_offset"] = rnd.contour_offset
     if true_noisy is not None:
         columns["truly_noisy"] = true_noisy
     columns = {k: v.tolist() for k, v in columns.items()}
