@@ -18,13 +18,13 @@ __all__ = ["contour_length", "contour_offset"]
 
 
 def contour_length(mask: torch.Tensor) -> torch.Tensor:
-    """(N,) the number of pixels of each (N, H, W) mask that touch a pixel outside it (8-neighbourhood); the image
-    border does not count as outside."""
-    m = torch.as_tensor(mask).to(torch.float32)[:, None]
-    # an erosion by a 3x3 square is minus the max-pool of minus the mask; max-pool pads with -inf, so the border
-    # leaves a mask pixel in place
-    eroded = -F.max_pool2d(-m, 3, stride=1, padding=1)
-    return (m - eroded).flatten(1).sum(1)
+    """(N,) the number of pixels of each (N, H, W) mask with a 4-neighbour outside it; the image border does not
+    count as outside. It runs a little short of the perimeter (64 pixels for a disc of radius 12, whose perimeter is
+    75), so a displacement reads a little long."""
+    m = torch.as_tensor(mask).to(torch.bool)
+    p = F.pad(m[:, None].to(torch.float32), (1, 1, 1, 1), value=1.0)[:, 0] > 0.5
+    interior = m & p[:, :-2, 1:-1] & p[:, 2:, 1:-1] & p[:, 1:-1, :-2] & p[:, 1:-1, 2:]
+    return (m & ~interior).flatten(1).sum(1).to(torch.float32)
 
 
 def contour_offset(prediction: torch.Tensor, label: torch.Tensor, num_classes: int,
