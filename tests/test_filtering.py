@@ -346,3 +346,55 @@ def test_auto_pile_share_follows_the_training_loss(caplog):
         LabelFilter(peel_pile_share="auto")
     with pytest.raises(ValueError, match="'auto'"):
         LabelFilter(peel_pile_share="sometimes")
+
+
+def _pile_and_hidden_wrong_labels(seed=0):
+    """80 saturated losses (missed labels), then 150 correct and 100 wrong drawn labels whose losses overlap
+    completely while their contour offsets do not."""
+    rng = np.random.default_rng(seed)
+    losses = torch.tensor(np.r_[np.ones(80), rng.normal(0.3, 0.08, 250).clip(0.0, 0.9)])
+    offsets = torch.tensor(np.r_[rng.uniform(2, 4, 80), rng.gamma(2.0, 0.2, 150), rng.normal(3.0, 0.4, 100)])
+    true_noisy = torch.cat([torch.ones(80, dtype=torch.bool), torch.zeros(150, dtype=torch.bool),
+                            torch.ones(100, dtype=torch.bool)])
+    return losses, offsets, true_noisy
+
+
+def test_the_refit_can_judge_the_slices_outside_the_pile_by_their_contour_offset():
+    losses, offsets, true_noisy = _pile_and_hidden_wrong_labels()
+    on_loss = gmm_filter_peeled(losses, pile_share=0.0)
+    on_offset = gmm_filter_peeled(losses, pile_share=0.0, refit_on=offsets, refit_name="contour_offset")
+    assert on_offset.extra == {"saturated": 80, "statistic": "contour_offset"}
+    assert on_offset.noisy[:80].all()  # the pile is found on the losses and stays Noisy
+    precision, recall = filter_precision_recall(on_offset.noisy, true_noisy)
+    assert precision >= 0.95 and recall >= 0.95
+    assert filter_precision_recall(on_loss.noisy, true_noisy)[1] < 0.8
+    # the parameters are in the normalised units of the offsets the refit saw
+    x = normalise_losses(offsets)
+    assert on_offset.means[1] == pytest.approx(float(x[230:].mean()), abs=0.05)
+    with pytest.raises(ValueError, match="one value per sample"):
+        gmm_filter_peeled(losses, refit_on=offsets[:-1], refit_name="contour_offset")
+
+
+def test_label_filter_passes_the_contour_offset_to_the_refit_and_names_it_in_the_summary():
+    losses, offsets, true_noisy = _pile_and_hidden_wrong_labels(1)
+    has = torch.zeros(losses.numel(), dtype=torch.bool)
+    trusted = torch.zeros(losses.numel(), dtype=torch.bool)
+    trusted[80:100] = True  # correct labels the data set vouches for stay out of both fits
+    lf = LabelFilter(peel_saturated=True, peel_pile_share=0.0, refit_statistic="contour_offset")
+    verdicts = lf(losses, losses, has, trusted=trusted, contour_offset=offsets)
+    summary = verdicts.summary()
+    assert summary["gmm1_statistic"] == "contour_offset" and summary["gmm1_saturated"] == 80
+    assert summary["gmm1_trusted"] == 20 and verdicts.manual.clean[80:100].all()
+    precision, recall = filter_precision_recall(verdicts.manual.noisy, true_noisy)
+    assert precision >= 0.95 and recall >= 0.95
+    on_loss = LabelFilter(peel_saturated=True, peel_pile_share=0.0)(losses, losses, has)
+    assert on_loss.summary()["gmm1_statistic"] == "loss"
+    assert "refit_statistic='contour_offset'" in repr(lf)
+    with pytest.raises(ValueError, match="pass contour_offset"):
+        lf(losses, losses, has)
+    with pytest.raises(ValueError, match="each of the 330 samples"):
+        lf(losses, losses, has, contour_offset=offsets[:10])
+    with pytest.raises(ValueError, match="needs peel_saturated"):
+        LabelFilter(refit_statistic="contour_offset")
+    with pytest.raises(ValueError, match="refit_statistic must be one of"):
+        LabelFilter(peel_saturated=True, refit_statistic="area")

@@ -596,3 +596,33 @@ def test_the_filter_hears_whether_an_earlier_round_used_the_peels_refit():
         handler.collect(rnd)
         handler.filter(rnd)
     assert seen == [False, False, True]
+
+
+def test_the_round_measures_contour_offsets_for_a_filter_that_refits_on_them():
+    """The handler computes each slice's contour offset between the prediction and the manual label only when the
+    label filter's refit judges by it, keeps it on the round (the round's CSV writes it) and hands it over."""
+    ds = toy_dataset(missing=(1, 5))
+    labels = ds.labels().clone()
+    labels[9] = torch.from_numpy(ndimage.binary_dilation(labels[9].numpy() > 0, iterations=3)).to(labels.dtype)
+    ds.set_labels(labels)
+    store = PseudoLabelStore("zeros")
+    handler = SelfCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, source=Prediction(),
+                            rules=TargetRules(), label_filter=LabelFilter(peel_saturated=True,
+                                                                         refit_statistic="contour_offset"))
+    store.initialise(ds.labels())
+    rnd = CleansingRound(epoch=1, index=1)
+    handler.collect(rnd)
+    handler.filter(rnd)
+    offsets = rnd.contour_offset
+    assert offsets.shape == (len(ds.data),)
+    assert 2.0 < float(offsets[9]) < 4.5  # drawn 3 px too wide
+    correct = [i for i in range(len(ds.data)) if i not in (1, 5, 9)]
+    assert float(offsets[correct].max()) == 0.0  # the constant network predicts the clean discs
+    assert rnd.summary["gmm1_statistic"] == "contour_offset" and rnd.summary["gmm1_saturated"] == 2
+    assert rnd.manual_filter.noisy.nonzero().flatten().tolist() == [1, 5, 9]
+    plain = SelfCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, source=Prediction(),
+                          rules=TargetRules(), label_filter=LabelFilter(peel_saturated=True))
+    rnd = CleansingRound(epoch=2, index=2)
+    plain.collect(rnd)
+    plain.filter(rnd)
+    assert rnd.contour_offset is None and rnd.summary["gmm1_statistic"] == "loss"
