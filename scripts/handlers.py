@@ -233,11 +233,12 @@ class SelfCleansing:
         return separation
 
     def filter(self, rnd: CleansingRound) -> None:
-        """The label filter's verdicts on the round's losses."""
+        """The label filter's verdicts on the round's losses (and, for a filter whose refit judges them, on the
+        contour offsets between the prediction and the manual labels)."""
+        if getattr(self.label_filter, "refit_statistic", "loss") == "contour_offset":
+            rnd.contour_offset = contour_offset(rnd.prediction, self.dataset.labels(), self.num_classes)
         # slices the data set knows to be right (SliceDataset.trusted) are not judged by their loss
         # the store's round history is checkpointed, so a resumed run knows whether the peel's refit was used
-        if self.label_filter.refit_statistic == "contour_offset":
-            rnd.contour_offset = contour_offset(rnd.prediction, self.dataset.labels(), self.num_classes)
         verdicts = self.label_filter(rnd.manual_loss, rnd.pseudo_loss, self.store.has_pseudo.clone(),
                                      trusted=getattr(self.dataset, "trusted", None),
                                      peeled_before=refit_used(self.store.rounds), contour_offset=rnd.contour_offset)

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine
+from scipy import ndimage
 
 from scripts.figures import (CLASS_ALPHA, CLASS_COLOURS, GAP, PANEL_PIXELS, UNSUPERVISED_ALPHA, UNSUPERVISED_COLOUR,
                              degree_panel, gmm_figure, label_overlay, mosaic, pseudo_label_figure,
                              representation_figure)
-from scripts.filtering import gmm_filter
+from scripts.filtering import LabelFilter, gmm_filter
 from scripts.handlers import CleansingRound, SelfCleansing
 from scripts.reporting import CleansingImages
 from scripts.sources import Prediction
@@ -142,3 +143,29 @@ def test_panels_reach_the_figure_unresampled():
     expected = np.round(255 * CLASS_ALPHA * np.array(CLASS_COLOURS[2])).astype(np.uint8)  # black image, LV colour
     side = 32 * round(PANEL_PIXELS / 32)
     assert (rgb == expected).all(-1).sum() == side * side
+
+
+def test_a_round_refitted_on_contour_offsets_draws_and_writes_them(tmp_path):
+    """When GMM-1's verdicts come from the refit on contour offsets, the round's figure draws that statistic and its
+    table gives each slice's offset."""
+    ds = toy_dataset(missing=(1, 5))
+    labels = ds.labels().clone()
+    labels[9] = torch.from_numpy(ndimage.binary_dilation(labels[9].numpy() > 0, iterations=3)).to(labels.dtype)
+    ds.set_labels(labels)
+    store = PseudoLabelStore("zeros")
+    handler = SelfCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, source=Prediction(),
+                            label_filter=LabelFilter(peel_saturated=True, refit_statistic="contour_offset"))
+    store.initialise(ds.labels())
+    rnd = CleansingRound(epoch=3, index=1)
+    handler.collect(rnd)
+    handler.filter(rnd)
+    handler.cleanse(rnd)
+    assert rnd.manual_filter.extra["statistic"] == "contour_offset"
+    engine = Engine(lambda e, b: None)
+    engine.state.cleansing = rnd
+    CleansingImages(handler, str(tmp_path / "cleansing"), n_examples=2, class_names=["disc"])(engine)
+    with open(tmp_path / "cleansing" / "round_01_losses.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["contour_offset"]) for r in rows] == pytest.approx(rnd.contour_offset.tolist())
+    assert float(rows[9]["contour_offset"]) > 2.0
+    assert (tmp_path / "cleansing" / "round_01_gmm_manual.png").read_bytes()[:8] == PNG_MAGIC
