@@ -9,17 +9,16 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine
-from scipy import ndimage
 
 from scripts.figures import (CLASS_ALPHA, CLASS_COLOURS, GAP, PANEL_PIXELS, UNSUPERVISED_ALPHA, UNSUPERVISED_COLOUR,
                              degree_panel, gmm_figure, label_overlay, mosaic, pseudo_label_figure,
                              representation_figure)
-from scripts.filtering import LabelFilter, gmm_filter
+from scripts.filtering import gmm_filter
 from scripts.handlers import CleansingRound, SelfCleansing
 from scripts.reporting import CleansingImages
 from scripts.sources import Prediction
 from scripts.store import PseudoLabelStore
-from tests.test_handlers import constant_network, toy_dataset
+from tests.test_handlers import constant_network, offset_refit_round, toy_dataset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -148,15 +147,7 @@ def test_panels_reach_the_figure_unresampled():
 def test_a_round_refitted_on_contour_offsets_draws_and_writes_them(tmp_path):
     """When GMM-1's verdicts come from the refit on contour offsets, the round's figure draws that statistic and its
     table gives each slice's offset."""
-    ds = toy_dataset(missing=(1, 5))
-    labels = ds.labels().clone()
-    labels[9] = torch.from_numpy(ndimage.binary_dilation(labels[9].numpy() > 0, iterations=3)).to(labels.dtype)
-    ds.set_labels(labels)
-    store = PseudoLabelStore("zeros")
-    handler = SelfCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, source=Prediction(),
-                            label_filter=LabelFilter(peel_saturated=True, refit_statistic="contour_offset"))
-    store.initialise(ds.labels())
-    rnd = CleansingRound(epoch=3, index=1)
+    handler, _, _, rnd = offset_refit_round(epoch=3)
     handler.collect(rnd)
     handler.filter(rnd)
     handler.cleanse(rnd)

@@ -598,9 +598,9 @@ def test_the_filter_hears_whether_an_earlier_round_used_the_peels_refit():
     assert seen == [False, False, True]
 
 
-def test_the_round_measures_contour_offsets_for_a_filter_that_refits_on_them():
-    """The handler computes each slice's contour offset between the prediction and the manual label only when the
-    label filter's refit judges by it, keeps it on the round (the round's CSV writes it) and hands it over."""
+def offset_refit_round(epoch: int = 1):
+    """A round's handler, store and data set on the toy set with slices 1 and 5 missed and slice 9 drawn 3 px too
+    wide, whose label filter refits on contour offsets."""
     ds = toy_dataset(missing=(1, 5))
     labels = ds.labels().clone()
     labels[9] = torch.from_numpy(ndimage.binary_dilation(labels[9].numpy() > 0, iterations=3)).to(labels.dtype)
@@ -610,7 +610,13 @@ def test_the_round_measures_contour_offsets_for_a_filter_that_refits_on_them():
                             rules=TargetRules(), label_filter=LabelFilter(peel_saturated=True,
                                                                          refit_statistic="contour_offset"))
     store.initialise(ds.labels())
-    rnd = CleansingRound(epoch=1, index=1)
+    return handler, store, ds, CleansingRound(epoch=epoch, index=1)
+
+
+def test_the_round_measures_contour_offsets_for_a_filter_that_refits_on_them():
+    """The handler computes each slice's contour offset between the prediction and the manual label only when the
+    label filter's refit judges by it, keeps it on the round (the round's CSV writes it) and hands it over."""
+    handler, store, ds, rnd = offset_refit_round()
     handler.collect(rnd)
     handler.filter(rnd)
     offsets = rnd.contour_offset
