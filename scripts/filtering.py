@@ -72,8 +72,11 @@ logger = logging.getLogger(__name__)
 
 # the share of GMM-1's Noisy calls that must lie in the saturated pile before the peel is tried (bundle version 0.9.0)
 PILE_SHARE = 0.9
-# the separation (Ashman's D) the peel's refit must reach to be used (bundle version 0.9.0)
-MIN_REFIT_SEPARATION = 3.0
+# the separation (Ashman's D) the peel's refit must reach to be used, per statistic it judges. On the losses 3.0
+# (bundle version 0.9.0): early in training correct and wrong labels overlap in loss, and a refit at D 2.2 flagged
+# many correct labels. On contour offsets 2.0 (0.12.1), the usual bound for two cleanly separated Gaussians: the
+# offsets of correct labels stay small, and refits at D 2.4-3.0 kept precision 0.87-0.93 (docs/README.md)
+REFIT_SEPARATION = {"loss": 3.0, "contour_offset": 2.0}
 # what the peel's refit can judge the samples outside the pile by (LabelFilter.refit_statistic)
 REFIT_STATISTICS = ("loss", "contour_offset")
 
@@ -287,7 +290,7 @@ def saturated_pile(losses: torch.Tensor, tol: float = 0.01) -> torch.Tensor:
 
 
 def gmm_filter_peeled(losses: torch.Tensor, tol: float = 0.01, min_share: float = 0.05, pile_share: float = PILE_SHARE,
-                      min_refit_separation: float = MIN_REFIT_SEPARATION, refit_on: torch.Tensor | None = None,
+                      min_refit_separation: float | None = None, refit_on: torch.Tensor | None = None,
                       refit_name: str = "loss", **gmm_kwargs) -> FilterResult:
     """:func:`gmm_filter`, fitted again without the saturated losses when its Noisy side is only those.
 
@@ -301,6 +304,7 @@ def gmm_filter_peeled(losses: torch.Tensor, tol: float = 0.01, min_share: float 
     ``min_refit_separation``): early in training, clean and wrong labels overlap in loss, and a forced split of the
     others flags many clean labels (ACDC at the CPU profile, soft Dice, first round: D 2.2, precision 0.80 against
     0.91 for the single fit; in the collapse regime D 3.8 to 4.3). Otherwise the first fit is returned unchanged.
+    ``None`` takes the separation :data:`REFIT_SEPARATION` gives the statistic ``refit_name``.
 
     ``refit_on`` (N,), named ``refit_name``, replaces the losses in the second fit: the pile is still found on the
     losses, and the other samples are judged by that statistic (:func:`scripts.contours.contour_offset`: a label
@@ -310,6 +314,11 @@ def gmm_filter_peeled(losses: torch.Tensor, tol: float = 0.01, min_share: float 
     or ``refit_on``; ``extra["statistic"]`` names them), its weights scaled by the share of samples it saw, so
     figures draw it over the histogram of all of them; ``extra["saturated"]`` is the pile's size.
     """
+    if min_refit_separation is None:
+        if refit_name not in REFIT_SEPARATION:
+            raise ValueError(f"no separation guard is set for a refit on {refit_name!r}: pass min_refit_separation "
+                             f"(set for {sorted(REFIT_SEPARATION)})")
+        min_refit_separation = REFIT_SEPARATION[refit_name]
     raw = _as_loss_vector(losses)
     values = raw if refit_on is None else _as_loss_vector(refit_on)
     if values.numel() != raw.numel():
@@ -505,6 +514,8 @@ class LabelFilter:
             reasonable prediction they are wrong on one side of the contour all the way round, and their loss
             overlaps with that of correct labels, whose errors fall on both sides (left atrium: recall 0.52-0.56
             with the loss; docs/README.md). Needs ``peel_saturated``.
+        refit_separation: the separation (Ashman's D) the refit must reach to be used; ``None`` takes the one
+            :data:`REFIT_SEPARATION` sets for ``refit_statistic`` (3.0 on the loss, 2.0 on contour offsets).
         train_loss: the training loss, read by ``peel_pile_share="auto"`` only.
         skip_trusted: samples whose manual label the caller marks as trusted (``trusted`` of :meth:`__call__`; the
             slices :class:`~scripts.data.SliceDataset` takes as truly empty, ``trusted_empty_run``) are Clean and
@@ -516,7 +527,8 @@ class LabelFilter:
 
     def __init__(self, loss=None, enabled: bool = True, unlabelled_as_noisy: bool = True, refresh: bool = False,
                  peel_saturated: bool = False, peel_pile_share: float | str = PILE_SHARE, skip_trusted: bool = True,
-                 peel_keep: bool = False, refit_statistic: str = "loss", train_loss=None, seed: int = 0) -> None:
+                 peel_keep: bool = False, refit_statistic: str = "loss", refit_separation: float | None = None,
+                 train_loss=None, seed: int = 0) -> None:
         self.loss = loss if loss is not None else SegmentationLoss("dice")
         self.enabled, self.seed = as_flag(enabled, "label_filter#enabled"), int(seed)
         self.unlabelled_as_noisy = as_flag(unlabelled_as_noisy, "label_filter#unlabelled_as_noisy")
@@ -540,12 +552,19 @@ class LabelFilter:
             raise ValueError(f"label_filter#refit_statistic {refit_statistic!r} chooses what the refit of "
                              "peel_saturated judges: it needs peel_saturated=True")
         self.refit_statistic = refit_statistic
+        if refit_separation is None:
+            refit_separation = REFIT_SEPARATION[refit_statistic]
+        elif isinstance(refit_separation, bool) or not float(refit_separation) >= 0:
+            raise ValueError(f"label_filter#refit_separation must be a separation (Ashman's D) >= 0 or None, got "
+                             f"{refit_separation!r}")
+        self.refit_separation = float(refit_separation)
 
     def __repr__(self) -> str:
         return (f"LabelFilter(enabled={self.enabled}, unlabelled_as_noisy={self.unlabelled_as_noisy}, "
                 f"refresh={self.refresh}, peel_saturated={self.peel_saturated}, "
                 f"peel_pile_share={self.peel_pile_share}, skip_trusted={self.skip_trusted}, "
-                f"peel_keep={self.peel_keep}, refit_statistic={self.refit_statistic!r}, seed={self.seed})")
+                f"peel_keep={self.peel_keep}, refit_statistic={self.refit_statistic!r}, "
+                f"refit_separation={self.refit_separation}, seed={self.seed})")
 
     def __call__(self, manual_loss: torch.Tensor, pseudo_loss: torch.Tensor, has_pseudo: torch.Tensor,
                  trusted: torch.Tensor | None = None, peeled_before: bool = False,
@@ -592,6 +611,6 @@ class LabelFilter:
                     refit_on: torch.Tensor | None = None) -> FilterResult:
         if self.peel_saturated:
             return gmm_filter_peeled(losses, pile_share=self.peel_pile_share, seed=self.seed,
-                                     min_refit_separation=0.0 if keep_refit else MIN_REFIT_SEPARATION,
+                                     min_refit_separation=0.0 if keep_refit else self.refit_separation,
                                      refit_on=refit_on, refit_name=self.refit_statistic)
         return gmm_filter(losses, seed=self.seed)

@@ -8,6 +8,7 @@ from scripts.filtering import (
     CLEANSE,
     KEEP_MANUAL,
     KEEP_PSEUDO,
+    REFIT_SEPARATION,
     FilterResult,
     cascade,
     filter_precision_recall,
@@ -398,3 +399,52 @@ def test_label_filter_passes_the_contour_offset_to_the_refit_and_names_it_in_the
         LabelFilter(refit_statistic="contour_offset")
     with pytest.raises(ValueError, match="refit_statistic must be one of"):
         LabelFilter(peel_saturated=True, refit_statistic="area")
+
+
+def _pile_and_offsets_apart_at(separation_scale, seed=0):
+    """A pile of 80 saturated losses, then 150 correct and 100 wrong drawn labels with overlapping losses, whose
+    contour offsets lie two populations apart by a separation that grows with ``separation_scale``."""
+    rng = np.random.default_rng(seed)
+    losses = torch.tensor(np.r_[np.ones(80), rng.normal(0.3, 0.08, 250).clip(0.0, 0.9)])
+    offsets = torch.tensor(np.r_[rng.uniform(2, 4, 80), rng.normal(1.0, 0.4, 150),
+                                 rng.normal(1.0 + separation_scale, 0.4, 100)])
+    return losses, offsets
+
+
+def test_the_refit_on_contour_offsets_needs_less_separation_than_the_refit_on_losses():
+    """Offsets of correct labels stay small, so two offset populations at D between 2 and 3 are used; the same
+    separation on the losses is not trusted (correct and wrong labels overlap there early in training)."""
+    losses, offsets = _pile_and_offsets_apart_at(1.0)
+    rest = gmm_filter(offsets[80:])
+    assert 2.0 <= rest.separation < 3.0
+    on_offset = gmm_filter_peeled(losses, pile_share=0.0, refit_on=offsets, refit_name="contour_offset")
+    assert on_offset.extra.get("statistic") == "contour_offset"
+    assert on_offset.noisy[230:].float().mean() >= 0.8 and on_offset.noisy[80:230].float().mean() <= 0.2
+    # the same values judged under the loss's guard: the first fit (the pile alone) comes back
+    as_loss = gmm_filter_peeled(losses, pile_share=0.0, refit_on=offsets, refit_name="loss")
+    assert "statistic" not in as_loss.extra and torch.equal(as_loss.noisy, gmm_filter(losses).noisy)
+    assert REFIT_SEPARATION == {"loss": 3.0, "contour_offset": 2.0}
+    # two populations too close for either guard
+    close, close_offsets = _pile_and_offsets_apart_at(0.4)
+    assert gmm_filter(close_offsets[80:]).separation < 2.0
+    kept = gmm_filter_peeled(close, pile_share=0.0, refit_on=close_offsets, refit_name="contour_offset")
+    assert "statistic" not in kept.extra
+    with pytest.raises(ValueError, match="no separation guard is set for a refit on 'area'"):
+        gmm_filter_peeled(losses, pile_share=0.0, refit_on=offsets, refit_name="area")
+    assert gmm_filter_peeled(losses, pile_share=0.0, refit_on=offsets, refit_name="area",
+                             min_refit_separation=2.0).extra["statistic"] == "area"
+
+
+def test_label_filter_takes_the_guard_of_its_statistic_unless_told_otherwise():
+    losses, offsets = _pile_and_offsets_apart_at(1.0, seed=1)
+    has = torch.zeros(losses.numel(), dtype=torch.bool)
+    by_offset = LabelFilter(peel_saturated=True, peel_pile_share=0.0, refit_statistic="contour_offset")
+    assert by_offset.refit_separation == 2.0 and LabelFilter(peel_saturated=True).refit_separation == 3.0
+    assert by_offset(losses, losses, has, contour_offset=offsets).summary()["gmm1_statistic"] == "contour_offset"
+    strict = LabelFilter(peel_saturated=True, peel_pile_share=0.0, refit_statistic="contour_offset",
+                         refit_separation=3.0)
+    assert strict(losses, losses, has, contour_offset=offsets).summary()["gmm1_statistic"] == "loss"
+    assert "refit_separation=3.0" in repr(strict)
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="refit_separation must be a separation"):
+            LabelFilter(peel_saturated=True, refit_separation=bad)
