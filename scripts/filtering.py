@@ -554,10 +554,14 @@ class LabelFilter:
         self.refit_statistic = refit_statistic
         if refit_separation is None:
             refit_separation = REFIT_SEPARATION[refit_statistic]
-        elif isinstance(refit_separation, bool) or not float(refit_separation) >= 0:
+        try:
+            separation = float(refit_separation) if not isinstance(refit_separation, bool) else math.nan
+        except (TypeError, ValueError):
+            separation = math.nan
+        if not separation >= 0:
             raise ValueError(f"label_filter#refit_separation must be a separation (Ashman's D) >= 0 or None, got "
                              f"{refit_separation!r}")
-        self.refit_separation = float(refit_separation)
+        self.refit_separation = separation
 
     def __repr__(self) -> str:
         return (f"LabelFilter(enabled={self.enabled}, unlabelled_as_noisy={self.unlabelled_as_noisy}, "

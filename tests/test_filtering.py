@@ -445,6 +445,6 @@ def test_label_filter_takes_the_guard_of_its_statistic_unless_told_otherwise():
                          refit_separation=3.0)
     assert strict(losses, losses, has, contour_offset=offsets).summary()["gmm1_statistic"] == "loss"
     assert "refit_separation=3.0" in repr(strict)
-    for bad in (-1.0, float("nan"), True):
+    for bad in (-1.0, float("nan"), True, "wide"):
         with pytest.raises(ValueError, match="refit_separation must be a separation"):
             LabelFilter(peel_saturated=True, refit_separation=bad)
