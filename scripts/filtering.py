@@ -77,8 +77,8 @@ PILE_SHARE = 0.9
 # many correct labels. On contour offsets 2.0 (0.12.1), the usual bound for two cleanly separated Gaussians: the
 # offsets of correct labels stay small, and refits at D 2.4-3.0 kept precision 0.87-0.93 (docs/README.md)
 REFIT_SEPARATION = {"loss": 3.0, "contour_offset": 2.0}
-# what the peel's refit can judge the samples outside the pile by (LabelFilter.refit_statistic)
-REFIT_STATISTICS = ("loss", "contour_offset")
+# what the peel's refit can judge the samples outside the pile by (LabelFilter.refit_statistic): those with a guard
+REFIT_STATISTICS = tuple(REFIT_SEPARATION)
 
 
 def _as_loss_vector(losses) -> torch.Tensor:
