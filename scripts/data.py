@@ -316,7 +316,11 @@ class SliceDataset(Dataset):
             (``classes_known``, bits of :func:`scripts.losses.class_bits`): those it draws, or every class on a
             slice taken as truly empty, so that ``HybridLoss(ignore_empty_manual=True)`` keeps its background.
             Those slices are marked in ``trusted`` ((N,) bool), which the label filter does not judge
-            (``LabelFilter(skip_trusted=True)``).
+            (``LabelFilter(skip_trusted=True)``). The run is counted in slices of the volume, so with
+            ``slice_step`` it spans ``ceil(trusted_empty_run / slice_step)`` kept slices.
+        slice_step: keep every ``slice_step``-th slice of each volume, from the first (1: all of them). Neighbouring
+            slices of a volume are nearly alike, so a short training set spread over more subjects is more varied
+            than all the slices of a few; each sample keeps its index in its volume (``slice``).
     """
 
     def __init__(
@@ -332,10 +336,14 @@ class SliceDataset(Dataset):
         track_meta: bool = False,
         oracle: str | None = None,
         trusted_empty_run: int | None = None,
+        slice_step: int = 1,
     ) -> None:
         if trusted_empty_run is not None and int(trusted_empty_run) < 1:
             raise ValueError(f"trusted_empty_run must be >= 1 or None, got {trusted_empty_run}")
+        if isinstance(slice_step, bool) or int(slice_step) != slice_step or slice_step < 1:
+            raise ValueError(f"slice_step must be a whole number >= 1, got {slice_step!r}")
         self.trusted_empty_run = None if trusted_empty_run is None else int(trusted_empty_run)
+        self.slice_step = int(slice_step)
         self.volumes = list(data)
         self.keys = tuple(keys)
         self.volume_transform = volume_transform
@@ -346,7 +354,8 @@ class SliceDataset(Dataset):
         for rec in self.volumes:
             vol = self._load_volume(volume_transform, rec)
             arrays = {k: torch.as_tensor(np.asarray(vol[k])) for k in self.keys}
-            n_slices = arrays[self.keys[0]].shape[slice_axis]
+            kept = range(0, arrays[self.keys[0]].shape[slice_axis], self.slice_step)
+            n_slices = len(kept)
             meta = getattr(vol[self.keys[0]], "meta", {})
             # where the slices came from, so per-slice results can be written back into the source volume: the
             # label's invertible operations (zoom, canvas), or the origin of a label-centred crop
@@ -355,7 +364,7 @@ class SliceDataset(Dataset):
             self.volume_info.append({"record": rec, "first_id": len(samples), "n_slices": n_slices,
                                      "crop_origin": meta.get("crop_origin"), "crop_size": meta.get("crop_size"),
                                      "label_ops": ops})
-            for z in range(n_slices):
+            for z in kept:
                 sample = {"id": len(samples), "case": rec.get("case", str(rec["image"])), "slice": z}
                 for k in self.keys:
                     sl = arrays[k].select(slice_axis, z).contiguous()
@@ -391,7 +400,8 @@ class SliceDataset(Dataset):
         self.trusted = torch.zeros(len(labels), dtype=torch.bool)
         if self.trusted_empty_run is None:
             return
-        truly_empty = empty_end_runs(labels, [v["n_slices"] for v in self.volume_info], self.trusted_empty_run)
+        min_run = -(-self.trusted_empty_run // self.slice_step)
+        truly_empty = empty_end_runs(labels, [v["n_slices"] for v in self.volume_info], min_run)
         self.classes_known[truly_empty] = ALL_CLASS_BITS
         self.trusted = truly_empty
         empty, taken = int((labels.flatten(1).amax(1) == 0).sum()), int(truly_empty.sum())

@@ -206,6 +206,36 @@ def test_slice_dataset_ids_follow_datalist_order(acdc_dir):
     np.testing.assert_array_equal(labels.numpy(), np.stack([r[3] for r in ref]))
 
 
+def test_slice_step_keeps_every_kth_slice_with_its_index_in_the_volume(acdc_dir):
+    records = acdc_datalist(str(acdc_dir), "all")
+    ref = _reference_slices(records)
+    ds = SliceDataset(records, volume_transform=LOAD, slice_step=2)
+    kept = [r for r in ref if r[1] % 2 == 0]
+    assert len(ds) == len(kept) == sum(v["n_slices"] for v in ds.volume_info)
+    for i, (case, z, _, label) in enumerate(kept):
+        item = ds[i]
+        assert (item["id"], item["case"], item["slice"]) == (i, case, z)
+        np.testing.assert_array_equal(item["label"][0].numpy(), label)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="slice_step"):
+            SliceDataset(records, volume_transform=LOAD, slice_step=bad)
+
+
+def test_trusted_empty_run_counts_slices_of_the_volume_not_kept_slices(acdc_dir):
+    """With every second slice kept, a run of 4 volume slices is 2 kept ones: trusted_empty_run=4 still finds it."""
+    records = acdc_datalist(str(acdc_dir), "train")
+    ds = SliceDataset(records, volume_transform=LOAD, slice_step=2, trusted_empty_run=4)
+    first = ds.volume_info[0]
+    assert first["n_slices"] >= 2
+    labels = ds.labels()
+    labels[first["first_id"] : first["first_id"] + 2] = 0  # volume slices 0 and 2 empty: a run of 4 from the end
+    ds.set_labels(labels)
+    assert ds.trusted[first["first_id"] : first["first_id"] + 2].all()
+    ds.trusted_empty_run = 5  # now 3 kept slices are needed
+    ds._index_label_classes()
+    assert not ds.trusted[first["first_id"] : first["first_id"] + 2].any()
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_slice_dataset_ids_survive_shuffling(acdc_dir, num_workers):
     records = acdc_datalist(str(acdc_dir), "train")
