@@ -405,7 +405,8 @@ class SliceDataset(Dataset):
         self.classes_known[truly_empty] = ALL_CLASS_BITS
         self.trusted = truly_empty
         empty, taken = int((labels.flatten(1).amax(1) == 0).sum()), int(truly_empty.sum())
-        logger.info(f"SliceDataset: {taken} of {empty} empty manual slices lie in runs of >= {self.trusted_empty_run} "
+        run = f"{self.trusted_empty_run}" + (f" volume slices ({min_run} kept)" if self.slice_step > 1 else "")
+        logger.info(f"SliceDataset: {taken} of {empty} empty manual slices lie in runs of >= {run} "
                     f"at a volume's end and are taken as truly empty; the other {empty - taken} may be missed "
                     "annotations")
 
