@@ -54,8 +54,8 @@ PROFILES = {
     # left atrium (binary, a third of the slices truly empty): half of the training volumes at half scale, so that
     # a cell sees about as many slices as the ACDC CPU profile
     ("la", "cpu"): ["configs/la.json", "configs/la_cpu.json"],
-    # the collapse profile's counterpart: four training volumes (about as many labelled slices as ACDC's twelve
-    # patients) at quarter scale, each label seen 500 times
+    # the collapse profile's counterpart: every fourth slice of twelve training volumes (about as many slices as
+    # ACDC's twelve patients, from as many subjects) at quarter scale, each label seen 500 times
     ("la", "collapse"): ["configs/la.json", "configs/la_cpu.json", "configs/la_collapse.json"],
     ("phantom", "cpu"): ["configs/quick.json"],
     ("phantom", "paper"): [],
