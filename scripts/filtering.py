@@ -312,7 +312,8 @@ def gmm_filter_peeled(losses: torch.Tensor, tol: float = 0.01, min_share: float 
 
     A refitted result gives its parameters in the normalised units of all the values it was fitted on (the losses,
     or ``refit_on``; ``extra["statistic"]`` names them), its weights scaled by the share of samples it saw, so
-    figures draw it over the histogram of all of them; ``extra["saturated"]`` is the pile's size.
+    figures draw it over the histogram of all of them; ``extra["saturated"]`` is the pile's size and
+    ``extra["loss_separation"]`` the first fit's separation.
     """
     if min_refit_separation is None:
         if refit_name not in REFIT_SEPARATION:
@@ -333,7 +334,8 @@ def gmm_filter_peeled(losses: torch.Tensor, tol: float = 0.01, min_share: float 
     rest = gmm_filter(values[~pile], **gmm_kwargs)
     if rest.status != STATUS_OK or rest.separation < min_refit_separation:
         return first
-    return spread_result(rest, ~pile, values, others_clean=False, saturated=int(pile.sum()), statistic=refit_name)
+    return spread_result(rest, ~pile, values, others_clean=False, saturated=int(pile.sum()), statistic=refit_name,
+                         loss_separation=first.separation)
 
 
 def spread_result(part: FilterResult, judged: torch.Tensor, losses: torch.Tensor, others_clean: bool,
@@ -457,6 +459,8 @@ class Verdicts:
             gmm1_saturated=self.manual.extra.get("saturated", 0),
             gmm1_statistic=self.manual.extra.get("statistic", "loss"),
             gmm1_trusted=self.manual.extra.get("trusted", 0),
+            # the first fit, on the losses, whichever fit decided: its separation does not depend on the refit
+            gmm1_loss_separation=self.manual.extra.get("loss_separation", self.manual.separation),
         )
 
 

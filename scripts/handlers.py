@@ -209,9 +209,13 @@ class SelfCleansing:
 
     @staticmethod
     def _first_separation(summaries) -> float | None:
-        """GMM-1's separation in the first of these round summaries that fitted it, or ``None``."""
+        """GMM-1's separation on the losses (its first fit, before any refit of the peel) in the first of these
+        round summaries that fitted it, or ``None``. ``leave_out_separation`` was chosen on loss separations; a
+        refit judges other samples, or another statistic (contour offsets, which separate less), and would move
+        the decision with the filter's options. Summaries without the key (runs written before bundle version
+        0.13.0) give the separation of the fit they used, as those runs decided."""
         for summary in summaries:
-            d = summary.get("gmm1_separation")
+            d = summary.get("gmm1_loss_separation", summary.get("gmm1_separation"))
             if d is not None and math.isfinite(d):
                 return float(d)
         return None
@@ -226,7 +230,7 @@ class SelfCleansing:
         left_out = leaves_out(self.rules, separation)
         if decided_now and separation is not None:
             threshold = self.rules.leave_out_separation
-            self.logger.info(f"round at epoch {rnd.epoch}: GMM-1 separation {separation:.2f} " + (
+            self.logger.info(f"round at epoch {rnd.epoch}: GMM-1's separation on the losses {separation:.2f} " + (
                 f">= {threshold}: flagged slices carry no loss for the rest of the run" if left_out
                 else f"< {threshold}: flagged slices keep their targets"))
         rnd.summary.update(flagged_left_out=left_out)

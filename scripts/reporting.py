@@ -117,7 +117,8 @@ class CleansingLogger:
         elif "gmm1_separation" in s:
             msg += f"; GMM-1 separation {s['gmm1_separation']:.2f}"
         if s.get("gmm1_saturated"):
-            msg += f" ({s['gmm1_saturated']} saturated losses Noisy, GMM-1 fitted to the others)"
+            msg += (f" ({s['gmm1_saturated']} saturated losses Noisy, GMM-1 fitted to the others; the first fit's "
+                    f"separation {s.get('gmm1_loss_separation', float('nan')):.2f})")
         if "filter_precision" in s:
             msg += (f"; filter precision {s['filter_precision']:.3f} recall {s['filter_recall']:.3f}; Dice vs clean:"
                     f" Y {s['dice_manual_vs_clean']:.3f}, Y' {s['dice_pseudo_vs_clean']:.3f}, "

@@ -58,13 +58,13 @@ class TargetRules:
             smaller than the prediction, and the background outside a structure drawn larger. Agreement alone never
             supervises a pixel the network gets wrong; this lets the annotator correct the network on the side of
             the contour that an over- or under-drawn outline cannot have got wrong.
-        leave_out_separation: when GMM-1's separation (Ashman's D, ``gmm1_separation``) in the run's first round
-            reaches this value, every cleansed slice carries no supervision, for the rest of the run, whatever the
-            other rules say (``None``: never). A first round whose losses split into two well separated
-            populations says the labels hold a noisy population; one that does not says the filter's Noisy side
-            is mostly the hard end of correct labels, which agreement targets keep and leaving out would lose. The
-            first round is judged because its network has not yet been trained on any cleansed target. The caller
-            gives the separation (:func:`cleansed_targets`).
+        leave_out_separation: when GMM-1's separation on the losses (Ashman's D of its first fit, before any refit of
+            the peel: ``gmm1_loss_separation``) in the run's first round reaches this value, every cleansed slice
+            carries no supervision, for the rest of the run, whatever the other rules say (``None``: never). A first
+            round whose losses split into two well separated populations says the labels hold a noisy population; one
+            that does not says the filter's Noisy side is mostly the hard end of correct labels, which agreement targets
+            keep and leaving out would lose. The first round is judged because its network has not yet been trained on
+            any cleansed target. The caller gives the separation (:func:`cleansed_targets`).
     """
 
     agreement: bool = False

@@ -364,7 +364,8 @@ def test_the_refit_can_judge_the_slices_outside_the_pile_by_their_contour_offset
     losses, offsets, true_noisy = _pile_and_hidden_wrong_labels()
     on_loss = gmm_filter_peeled(losses, pile_share=0.0)
     on_offset = gmm_filter_peeled(losses, pile_share=0.0, refit_on=offsets, refit_name="contour_offset")
-    assert on_offset.extra == {"saturated": 80, "statistic": "contour_offset"}
+    assert on_offset.extra == {"saturated": 80, "statistic": "contour_offset",
+                               "loss_separation": pytest.approx(gmm_filter(losses).separation)}
     assert on_offset.noisy[:80].all()  # the pile is found on the losses and stays Noisy
     precision, recall = filter_precision_recall(on_offset.noisy, true_noisy)
     assert precision >= 0.95 and recall >= 0.95
@@ -388,8 +389,13 @@ def test_label_filter_passes_the_contour_offset_to_the_refit_and_names_it_in_the
     assert summary["gmm1_trusted"] == 20 and verdicts.manual.clean[80:100].all()
     precision, recall = filter_precision_recall(verdicts.manual.noisy, true_noisy)
     assert precision >= 0.95 and recall >= 0.95
+    # the first fit's separation on the losses (of the judged, untrusted slices) is kept beside the refit's
+    assert summary["gmm1_loss_separation"] == pytest.approx(gmm_filter(losses[~trusted]).separation)
+    assert summary["gmm1_loss_separation"] != pytest.approx(summary["gmm1_separation"])
     on_loss = LabelFilter(peel_saturated=True, peel_pile_share=0.0)(losses, losses, has)
     assert on_loss.summary()["gmm1_statistic"] == "loss"
+    single = LabelFilter()(losses, losses, has).summary()
+    assert single["gmm1_loss_separation"] == single["gmm1_separation"]
     assert "refit_statistic='contour_offset'" in repr(lf)
     with pytest.raises(ValueError, match="pass contour_offset"):
         lf(losses, losses, has)

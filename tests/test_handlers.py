@@ -571,6 +571,17 @@ def test_leave_out_separation_follows_the_first_rounds_separation(caplog):
     handler.cleanse(rnd)
     assert rnd.summary["gmm1_separation"] > 5 and not rnd.summary["flagged_left_out"]
     assert torch.equal(store.labels, plain.labels)
+    # the decision reads the first fit's separation on the losses, not that of a refit (contour offsets separate
+    # less than losses: a refit at D 2.5 beside a first fit at D 6 still shows a noisy population)
+    store = PseudoLabelStore("zeros")
+    handler = cleansing(ds, store, agreement=True, leave_out_separation=3.0)
+    store.initialise(ds.labels())
+    store.rounds.append({"gmm1_separation": 2.5, "gmm1_loss_separation": 6.0})
+    rnd = CleansingRound(epoch=2, index=2)
+    handler.collect(rnd)
+    handler.filter(rnd)
+    handler.cleanse(rnd)
+    assert rnd.summary["flagged_left_out"] and (store.labels[list(missing)] == 255).all()
     with pytest.raises(ValueError, match="leave_out_separation"):
         TargetRules(agreement=True, leave_out_separation=0.0)
 
