@@ -340,7 +340,11 @@ class SliceDataset(Dataset):
     ) -> None:
         if trusted_empty_run is not None and int(trusted_empty_run) < 1:
             raise ValueError(f"trusted_empty_run must be >= 1 or None, got {trusted_empty_run}")
-        if isinstance(slice_step, bool) or int(slice_step) != slice_step or slice_step < 1:
+        try:
+            step_ok = not isinstance(slice_step, bool) and int(slice_step) == slice_step and slice_step >= 1
+        except (TypeError, ValueError, OverflowError):  # text, None, NaN: refused by name below, not by int()
+            step_ok = False
+        if not step_ok:
             raise ValueError(f"slice_step must be a whole number >= 1, got {slice_step!r}")
         self.trusted_empty_run = None if trusted_empty_run is None else int(trusted_empty_run)
         self.slice_step = int(slice_step)
