@@ -19,6 +19,7 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -37,10 +38,35 @@ def _run(cmd: list[str], log: Path) -> float:
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"command failed ({proc.returncode}), see {log}: {' '.join(cmd)}")
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            returncode = proc.wait()
+        except BaseException:
+            # the cell trains in a child process: a grid that is stopped (Ctrl-C, SIGTERM) stops its cell too,
+            # instead of leaving it to train on unseen
+            _stop(proc)
+            f.write(f"stopped: {' '.join(cmd)}\n")
+            raise
+    if returncode != 0:
+        raise RuntimeError(f"command failed ({returncode}), see {log}: {' '.join(cmd)}")
     return time.perf_counter() - start
+
+
+def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """Terminate a child, then kill it if it has not ended after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _exit_on_sigterm(signum, frame):
+    # SIGTERM's default action ends the process without unwinding, which would skip _run's cleanup
+    raise SystemExit(128 + signum)
 
 
 def _read_dice(csv_file: Path) -> dict:
@@ -249,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                              "as <method>@<setting>, so that the settings of a sensitivity sweep share one folder")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="further bundle overrides, after --")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     out = Path(args.out)
     if args.export_only:  # an export after a grid run elsewhere must not start the cells the folder lacks
         results = finished_cells(out) if out.is_dir() else []

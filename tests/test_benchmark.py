@@ -3,6 +3,11 @@ cached cells: no training runs here."""
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -254,3 +259,23 @@ def test_noise_radius_follows_the_profiles_scale():
     assert radius_scale("acdc", "cpu") == 0.5 and radius_scale("acdc", "collapse") == 0.25
     assert radius_scale("acdc", "paper") == 1.0 and radius_scale("phantom", "cpu") == 1.0
     assert radius_scale("la", "cpu") == 0.5 and radius_scale("la", "collapse") == 0.25
+
+
+def test_a_stopped_grid_stops_the_cell_it_is_training(tmp_path):
+    """SIGTERM to the benchmark ends the training child it waits on, logs it, and exits with 128 + 15."""
+    pid_file, log = tmp_path / "child.pid", tmp_path / "log.txt"
+    child = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(120)"
+    grid = ("import signal, sys; from pathlib import Path; from scripts import benchmark; "
+            "signal.signal(signal.SIGTERM, benchmark._exit_on_sigterm); "
+            f"benchmark._run([sys.executable, '-c', {child!r}], Path({str(log)!r}))")
+    proc = subprocess.Popen([sys.executable, "-c", grid], cwd=REPO_ROOT)
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the child never started"
+        time.sleep(0.1)
+    child_pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.kill(child_pid, 0)  # ended and reaped, not left training
+    assert "stopped:" in log.read_text()
