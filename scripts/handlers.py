@@ -205,6 +205,10 @@ class SelfCleansing:
         if not info:
             raise ValueError("neighbour_fill needs a data set that knows its volumes (volume_info), such as "
                              "SliceDataset")
+        step = getattr(self.dataset, "slice_step", 1)
+        if step != 1:  # the kept slices beside a slice lie `step` slices away: their contours are not its neighbours'
+            raise ValueError(f"neighbour_fill takes the adjacent slices of a volume as neighbours, but the data set "
+                             f"keeps every {step}th slice (train_slice_step {step}); use it with train_slice_step 1")
         return [v["n_slices"] for v in info]
 
     @staticmethod

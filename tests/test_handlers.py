@@ -471,6 +471,10 @@ def test_neighbour_fill_takes_what_the_prediction_and_an_adjacent_contour_agree_
     handler.dataset = flat
     with pytest.raises(ValueError, match="volume_info"):
         handler.attach(Engine(lambda engine, batch: None))
+    handler.dataset = ds
+    ds.slice_step = 2  # every second slice kept: the slices beside one in the data set are not adjacent in its volume
+    with pytest.raises(ValueError, match="train_slice_step 2"):
+        handler.attach(Engine(lambda engine, batch: None))
 
 
 @pytest.mark.parametrize("name, module", [("MetricsHistory", "scripts.reporting"),
