@@ -318,6 +318,9 @@ class SliceDataset(Dataset):
             Those slices are marked in ``trusted`` ((N,) bool), which the label filter does not judge
             (``LabelFilter(skip_trusted=True)``). The run is counted in slices of the volume, so with
             ``slice_step`` it spans ``ceil(trusted_empty_run / slice_step)`` kept slices.
+        trusted_empty_margin: the empty slices of such a run nearest the labelled part of the volume (this many
+            kept slices) are not taken as truly empty: that is where an annotator who stops too early leaves a
+            missed slice, which would otherwise teach background where the structure is and escape the filter.
         slice_step: keep every ``slice_step``-th slice of each volume, from the first (1: all of them). Neighbouring
             slices of a volume are nearly alike, so a short training set spread over more subjects is more varied
             than all the slices of a few; each sample keeps its index in its volume (``slice``).
@@ -337,9 +340,14 @@ class SliceDataset(Dataset):
         oracle: str | None = None,
         trusted_empty_run: int | None = None,
         slice_step: int = 1,
+        trusted_empty_margin: int = 0,
     ) -> None:
         if trusted_empty_run is not None and int(trusted_empty_run) < 1:
             raise ValueError(f"trusted_empty_run must be >= 1 or None, got {trusted_empty_run}")
+        if isinstance(trusted_empty_margin, bool) or not isinstance(trusted_empty_margin, int) \
+                or trusted_empty_margin < 0:
+            raise ValueError(f"trusted_empty_margin must be a whole number >= 0, got {trusted_empty_margin!r}")
+        self.trusted_empty_margin = trusted_empty_margin
         try:
             step_ok = not isinstance(slice_step, bool) and int(slice_step) == slice_step and slice_step >= 1
         except (TypeError, ValueError, OverflowError):  # text, None, NaN: refused by name below, not by int()
@@ -405,14 +413,17 @@ class SliceDataset(Dataset):
         if self.trusted_empty_run is None:
             return
         min_run = -(-self.trusted_empty_run // self.slice_step)
-        truly_empty = empty_end_runs(labels, [v["n_slices"] for v in self.volume_info], min_run)
+        truly_empty = empty_end_runs(labels, [v["n_slices"] for v in self.volume_info], min_run,
+                                     margin=self.trusted_empty_margin)
         self.classes_known[truly_empty] = ALL_CLASS_BITS
         self.trusted = truly_empty
         empty, taken = int((labels.flatten(1).amax(1) == 0).sum()), int(truly_empty.sum())
         run = f"{self.trusted_empty_run}" + (f" volume slices ({min_run} kept)" if self.slice_step > 1 else "")
+        beside = f", less the {self.trusted_empty_margin} next to the labelled slices," \
+            if self.trusted_empty_margin else ""
         logger.info(f"SliceDataset: {taken} of {empty} empty manual slices lie in runs of >= {run} "
-                    f"at a volume's end and are taken as truly empty; the other {empty - taken} may be missed "
-                    "annotations")
+                    f"at a volume's end{beside} and are taken as truly empty; the other {empty - taken} may be "
+                    "missed annotations")
 
     @staticmethod
     def _load_volume(volume_transform, rec: dict) -> dict:
@@ -489,26 +500,33 @@ class SliceDataset(Dataset):
             set_track_meta(previous)
 
 
-def empty_end_runs(labels: torch.Tensor, volume_sizes: Sequence[int], min_run: int) -> torch.Tensor:
+def empty_end_runs(labels: torch.Tensor, volume_sizes: Sequence[int], min_run: int, margin: int = 0) -> torch.Tensor:
     """(N,) bool: the empty label maps that lie in a run of at least ``min_run`` consecutive empty maps reaching
-    the first or the last slice of their volume.
+    the first or the last slice of their volume, less the ``margin`` maps of each run nearest the labelled part.
 
     Args:
         labels: (N, H, W) label maps, volume after volume, slices in order within a volume.
         volume_sizes: slices per volume, summing to N.
-        min_run: the shortest run that counts.
+        min_run: the shortest run that counts (its length before the margin is taken off).
+        margin: maps of each run, next to the volume's labelled slices, that are not returned. A volume with no
+            labelled slice has no such side and is returned whole.
     """
     if sum(volume_sizes) != labels.shape[0]:
         raise ValueError(f"volume sizes sum to {sum(volume_sizes)}, but there are {labels.shape[0]} label maps")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
     empty = ((labels > 0) & (labels != IGNORE_INDEX)).flatten(1).any(1).logical_not()
     out = torch.zeros_like(empty)
     start = 0
     for size in volume_sizes:
         vol = empty[start : start + size]
-        for run in (vol.long().cumprod(0), vol.flip(0).long().cumprod(0).flip(0)):  # runs from either end
+        for forward in (True, False):  # the run from the first slice, then the one from the last
+            run = (vol if forward else vol.flip(0)).long().cumprod(0).bool()
             length = int(run.sum())
             if length >= min_run:
-                out[start : start + size] |= run.bool()
+                if length < size:
+                    run[max(length - margin, 0) : length] = False
+                out[start : start + size] |= run if forward else run.flip(0)
         start += size
     return out
 

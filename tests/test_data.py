@@ -236,6 +236,22 @@ def test_trusted_empty_run_counts_slices_of_the_volume_not_kept_slices(acdc_dir)
     assert not ds.trusted[first["first_id"] : first["first_id"] + 2].any()
 
 
+def test_trusted_empty_margin_leaves_the_slice_next_to_the_drawn_ones_to_the_filter(acdc_dir):
+    records = acdc_datalist(str(acdc_dir), "train")
+    ds = SliceDataset(records, volume_transform=LOAD, trusted_empty_run=2, trusted_empty_margin=1)
+    first = ds.volume_info[0]
+    assert first["n_slices"] >= 3
+    labels = ds.labels()
+    labels[first["first_id"] : first["first_id"] + 2] = 0  # slices 0 and 1 empty, slice 2 drawn
+    labels[first["first_id"] + 2, 0, 0] = 1
+    ds.set_labels(labels)
+    assert ds.trusted[first["first_id"] : first["first_id"] + 2].tolist() == [True, False]
+    assert ds.classes_known[first["first_id"] + 1] == 0  # judged like any empty slice: it may be a missed one
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="trusted_empty_margin"):
+            SliceDataset(records, volume_transform=LOAD, trusted_empty_margin=bad)
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_slice_dataset_ids_survive_shuffling(acdc_dir, num_workers):
     records = acdc_datalist(str(acdc_dir), "train")
@@ -365,6 +381,21 @@ def test_empty_end_runs():
     assert not empty_end_runs(torch.zeros(3, 2, 2, dtype=torch.uint8), [3], min_run=4).any()
     with pytest.raises(ValueError, match="sum"):
         empty_end_runs(labels, [7, 3], min_run=2)
+
+
+def test_the_margin_leaves_the_empty_slices_next_to_the_labelled_part_untrusted():
+    labels = torch.zeros(12, 2, 2, dtype=torch.uint8)
+    labels[[4, 5], 0, 0] = 1  # volume 1: slices 0-7, drawn on 4 and 5; volume 2: slices 8-11, all empty
+    full = empty_end_runs(labels, [8, 4], min_run=2)
+    assert full.nonzero().flatten().tolist() == [0, 1, 2, 3, 6, 7, 8, 9, 10, 11]
+    # slices 3 and 6 border the drawn ones: an annotator who stopped a slice early leaves them empty
+    assert empty_end_runs(labels, [8, 4], min_run=2, margin=1).nonzero().flatten().tolist() == [0, 1, 2, 7, 8, 9, 10,
+                                                                                               11]
+    # the run's length before the margin decides whether it counts; a volume with nothing drawn keeps every slice
+    assert empty_end_runs(labels, [8, 4], min_run=4, margin=2).nonzero().flatten().tolist() == [0, 1, 8, 9, 10, 11]
+    assert empty_end_runs(labels, [8, 4], min_run=2, margin=9)[:8].sum() == 0
+    with pytest.raises(ValueError, match="margin"):
+        empty_end_runs(labels, [8, 4], min_run=2, margin=-1)
 
 
 def test_truly_empty_slices_state_every_class(acdc_dir):
