@@ -221,32 +221,35 @@ def test_slice_step_keeps_every_kth_slice_with_its_index_in_the_volume(acdc_dir)
             SliceDataset(records, volume_transform=LOAD, slice_step=bad)
 
 
+def _first_volume_starting_empty(ds: SliceDataset, empty: int, drawn_after: bool = False) -> int:
+    """Empty the first ``empty`` kept slices of the data set's first volume (a run from its end), optionally draw a
+    pixel on the slice after them; returns the first volume's first sample id."""
+    first = ds.volume_info[0]
+    assert first["n_slices"] >= empty + drawn_after
+    start, labels = first["first_id"], ds.labels()
+    labels[start : start + empty] = 0
+    if drawn_after:
+        labels[start + empty, 0, 0] = 1
+    ds.set_labels(labels)
+    return start
+
+
 def test_trusted_empty_run_counts_slices_of_the_volume_not_kept_slices(acdc_dir):
     """With every second slice kept, a run of 4 volume slices is 2 kept ones: trusted_empty_run=4 still finds it."""
-    records = acdc_datalist(str(acdc_dir), "train")
-    ds = SliceDataset(records, volume_transform=LOAD, slice_step=2, trusted_empty_run=4)
-    first = ds.volume_info[0]
-    assert first["n_slices"] >= 2
-    labels = ds.labels()
-    labels[first["first_id"] : first["first_id"] + 2] = 0  # volume slices 0 and 2 empty: a run of 4 from the end
-    ds.set_labels(labels)
-    assert ds.trusted[first["first_id"] : first["first_id"] + 2].all()
+    ds = SliceDataset(acdc_datalist(str(acdc_dir), "train"), volume_transform=LOAD, slice_step=2, trusted_empty_run=4)
+    start = _first_volume_starting_empty(ds, 2)  # volume slices 0 and 2 empty: a run of 4 from the end
+    assert ds.trusted[start : start + 2].all()
     ds.trusted_empty_run = 5  # now 3 kept slices are needed
     ds._index_label_classes()
-    assert not ds.trusted[first["first_id"] : first["first_id"] + 2].any()
+    assert not ds.trusted[start : start + 2].any()
 
 
 def test_trusted_empty_margin_leaves_the_slice_next_to_the_drawn_ones_to_the_filter(acdc_dir):
     records = acdc_datalist(str(acdc_dir), "train")
     ds = SliceDataset(records, volume_transform=LOAD, trusted_empty_run=2, trusted_empty_margin=1)
-    first = ds.volume_info[0]
-    assert first["n_slices"] >= 3
-    labels = ds.labels()
-    labels[first["first_id"] : first["first_id"] + 2] = 0  # slices 0 and 1 empty, slice 2 drawn
-    labels[first["first_id"] + 2, 0, 0] = 1
-    ds.set_labels(labels)
-    assert ds.trusted[first["first_id"] : first["first_id"] + 2].tolist() == [True, False]
-    assert ds.classes_known[first["first_id"] + 1] == 0  # judged like any empty slice: it may be a missed one
+    start = _first_volume_starting_empty(ds, 2, drawn_after=True)  # slices 0 and 1 empty, slice 2 drawn
+    assert ds.trusted[start : start + 2].tolist() == [True, False]
+    assert ds.classes_known[start + 1] == 0  # judged like any empty slice: it may be a missed one
     for bad in (-1, 1.5, True, "1"):
         with pytest.raises(ValueError, match="trusted_empty_margin"):
             SliceDataset(records, volume_transform=LOAD, trusted_empty_margin=bad)
