@@ -290,6 +290,17 @@ def check_volumes(records: Sequence[dict], key: str = "image") -> list[dict]:
     return list(records)
 
 
+def _whole_number(value, name: str, minimum: int) -> int:
+    """``value`` as an int, or a ValueError naming ``name`` when it is not a whole number >= ``minimum``."""
+    try:
+        ok = not isinstance(value, bool) and int(value) == value and value >= minimum
+    except (TypeError, ValueError, OverflowError):  # text, None, NaN: refused by name below, not by int()
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return int(value)
+
+
 class SliceDataset(Dataset):
     """2D samples cut from preprocessed volumes, with stable sample ids.
 
@@ -344,18 +355,9 @@ class SliceDataset(Dataset):
     ) -> None:
         if trusted_empty_run is not None and int(trusted_empty_run) < 1:
             raise ValueError(f"trusted_empty_run must be >= 1 or None, got {trusted_empty_run}")
-        if isinstance(trusted_empty_margin, bool) or not isinstance(trusted_empty_margin, int) \
-                or trusted_empty_margin < 0:
-            raise ValueError(f"trusted_empty_margin must be a whole number >= 0, got {trusted_empty_margin!r}")
-        self.trusted_empty_margin = trusted_empty_margin
-        try:
-            step_ok = not isinstance(slice_step, bool) and int(slice_step) == slice_step and slice_step >= 1
-        except (TypeError, ValueError, OverflowError):  # text, None, NaN: refused by name below, not by int()
-            step_ok = False
-        if not step_ok:
-            raise ValueError(f"slice_step must be a whole number >= 1, got {slice_step!r}")
+        self.trusted_empty_margin = _whole_number(trusted_empty_margin, "trusted_empty_margin", minimum=0)
+        self.slice_step = _whole_number(slice_step, "slice_step", minimum=1)
         self.trusted_empty_run = None if trusted_empty_run is None else int(trusted_empty_run)
-        self.slice_step = int(slice_step)
         self.volumes = list(data)
         self.keys = tuple(keys)
         self.volume_transform = volume_transform
