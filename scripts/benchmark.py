@@ -22,7 +22,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from scripts.bench_report import tail_dice, write_report
@@ -33,39 +35,63 @@ def cell_name(data: str, noise: str, loss: str, method: str, seed: int) -> str:
     return f"{data}-{noise}-{loss}-{method}-s{seed}"
 
 
-def _run(cmd: list[str], log: Path) -> float:
-    start = time.perf_counter()
-    with open(log, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-        try:
-            returncode = proc.wait()
-        except BaseException:
-            # the cell trains in a child process: a grid that is stopped (Ctrl-C, SIGTERM) stops its cell too,
-            # instead of leaving it to train on unseen
-            _stop(proc)
-            f.write(f"stopped: {' '.join(cmd)}\n")
-            raise
-    if returncode != 0:
-        raise RuntimeError(f"command failed ({returncode}), see {log}: {' '.join(cmd)}")
-    return time.perf_counter() - start
+class Children:
+    """The bundle runs a grid is waiting on, one child process each, however many run at once.
 
+    A grid that is stopped (Ctrl-C, SIGTERM, a failed cell) stops every one of them, including those other threads
+    wait on, instead of leaving them to train on unseen, and starts no other."""
 
-def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    """Terminate a child, then kill it if it has not ended after ``grace`` seconds."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    def __init__(self, grace: float = 30.0):
+        self.grace = grace
+        self._live: dict[subprocess.Popen, Path] = {}
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def run(self, cmd: list[str], log: Path) -> float:
+        """Run ``cmd`` with its output appended to ``log``; returns its wall time in seconds."""
+        start = time.perf_counter()
+        with open(log, "a") as f:
+            f.write(f"$ {' '.join(cmd)}\n")
+            f.flush()
+            with self._lock:
+                if self._stopped:
+                    raise RuntimeError(f"the grid was stopped before this command started: {' '.join(cmd)}")
+                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+                self._live[proc] = log
+            try:
+                returncode = proc.wait()
+            except BaseException:
+                self.stop()
+                raise
+            finally:
+                with self._lock:
+                    self._live.pop(proc, None)
+        if returncode != 0:
+            raise RuntimeError(f"command failed ({returncode}), see {log}: {' '.join(cmd)}")
+        return time.perf_counter() - start
+
+    def stop(self) -> None:
+        """Terminate every live child, kill those still running ``grace`` seconds later, and log each in its
+        cell's log."""
+        with self._lock:
+            self._stopped = True
+            live = dict(self._live)
+        for proc in live:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + self.grace
+        for proc, log in live.items():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            with open(log, "a") as f:
+                f.write(f"stopped: {' '.join(proc.args)}\n")
 
 
 def _exit_on_sigterm(signum, frame):
-    # SIGTERM's default action ends the process without unwinding, which would skip _run's cleanup
+    # SIGTERM's default action ends the process without unwinding, which would skip Children.run's cleanup
     raise SystemExit(128 + signum)
 
 
@@ -88,7 +114,8 @@ def _last_round(path: Path) -> dict:
     return {k: float(rows[-1][k]) for k in keep if rows and rows[-1].get(k) not in (None, "")}
 
 
-def run_cell(out: Path, name: str, configs: list[str], overrides: dict, extra_args: list[str]) -> dict:
+def run_cell(out: Path, name: str, configs: list[str], overrides: dict, extra_args: list[str],
+             children: Children | None = None) -> dict:
     cell = out / name
     result_file = cell / "result.json"
     if result_file.exists():
@@ -103,13 +130,14 @@ def run_cell(out: Path, name: str, configs: list[str], overrides: dict, extra_ar
     for stale in ("history.csv", "cleansing_rounds.csv"):
         (cell / stale).unlink(missing_ok=True)
     train_cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(files), *extra_args]
-    wall = _run(train_cmd, log)
+    children = children if children is not None else Children()
+    wall = children.run(train_cmd, log)
     result = {"cell": name, "train_seconds": round(wall, 1), **overrides.get("_meta", {})}
     for tag, ckpt in (("B", "model.pt"), ("L", "model_final.pt")):
         eval_dir = cell / f"eval_{tag}"
         cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str([*files, "configs/evaluate.json"]),
                "--eval_ckpt", str(cell / "models" / ckpt), "--eval_dir", str(eval_dir), *extra_args]
-        _run(cmd, log)
+        children.run(cmd, log)
         for cls, value in _read_dice(eval_dir / "dice_per_volume.csv").items():
             result[f"{tag}_{cls}"] = round(value, 4)
     result.update(_last_round(cell / "cleansing_rounds.csv"))
@@ -222,13 +250,8 @@ def _run_grid(parser: argparse.ArgumentParser, args: argparse.Namespace, out: Pa
     for noise, _, method, _ in grid:
         if noise not in NOISE or method_configs(method) is None:
             parser.error(f"unknown noise '{noise}' or method '{method}'")
-    try:
-        from tqdm import tqdm
-
-        progress = tqdm(grid, desc="benchmark", unit="cell", disable=None)  # no bar when not a terminal
-    except ImportError:  # pragma: no cover - tqdm is a requirement, but the grid must not depend on a bar
-        progress = grid
-    for noise, loss, method, seed in progress:
+    cells = []
+    for noise, loss, method, seed in grid:
         tabulated = method if args.setting is None else f"{method}@{args.setting}"
         name = cell_name(args.data, noise, loss, tabulated, seed)
         level = NOISE[noise]
@@ -242,12 +265,36 @@ def _run_grid(parser: argparse.ArgumentParser, args: argparse.Namespace, out: Pa
             overrides["_meta"]["overrides"] = " ".join(extra)
         if args.dataset_dir:
             overrides["dataset_dir"] = args.dataset_dir
-        configs = [*PROFILES[(args.data, args.profile)], *method_configs(method)]
-        if hasattr(progress, "set_postfix_str"):
-            progress.set_postfix_str(name)
-        run_cell(out, name, configs, overrides, extra)
-        results = finished_cells(out)
-        _tabulate(out, results)
+        cells.append((name, [*PROFILES[(args.data, args.profile)], *method_configs(method)], overrides))
+    try:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(cells), desc="benchmark", unit="cell", disable=None)  # no bar when not a terminal
+    except ImportError:  # pragma: no cover - tqdm is a requirement, but the grid must not depend on a bar
+        progress = None
+    children = Children()
+    results = finished_cells(out)
+    # cells run in threads that each wait on their bundle run's child process; the main thread only tabulates
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        pending = {pool.submit(run_cell, out, name, configs, overrides, extra, children)
+                   for name, configs, overrides in cells}
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    future.result()  # a failed cell stops the grid, as it did when cells ran one by one
+                    if progress is not None:
+                        progress.update()
+                results = finished_cells(out)
+                _tabulate(out, results)
+        except BaseException:
+            for future in pending:  # before the stop, so that no thread it frees starts a cell
+                future.cancel()
+            children.stop()
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
     return results
 
 
@@ -262,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="baseline,self_cleansing", help=f"comma list of {list(METHODS)}")
     parser.add_argument("--seeds", default="0", help="comma list of seeds")
     parser.add_argument("--out", default="runs/benchmark")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="cells trained at once, each its own process (give each a thread budget, e.g. "
+                             "OMP_NUM_THREADS=1 with as many jobs as cores)")
     parser.add_argument("--radius_scale", type=float, default=None,
                         help="scale of the noise disk radius (default: the profile's in-plane scale)")
     parser.add_argument("--export", default=None,
@@ -275,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                              "as <method>@<setting>, so that the settings of a sensitivity sweep share one folder")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="further bundle overrides, after --")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     out = Path(args.out)
     if args.export_only:  # an export after a grid run elsewhere must not start the cells the folder lacks

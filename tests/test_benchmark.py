@@ -261,21 +261,70 @@ def test_noise_radius_follows_the_profiles_scale():
     assert radius_scale("la", "cpu") == 0.5 and radius_scale("la", "collapse") == 0.25
 
 
-def test_a_stopped_grid_stops_the_cell_it_is_training(tmp_path):
-    """SIGTERM to the benchmark ends the training child it waits on, logs it, and exits with 128 + 15."""
-    pid_file, log = tmp_path / "child.pid", tmp_path / "log.txt"
-    child = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(120)"
-    grid = ("import signal, sys; from pathlib import Path; from scripts import benchmark; "
-            "signal.signal(signal.SIGTERM, benchmark._exit_on_sigterm); "
-            f"benchmark._run([sys.executable, '-c', {child!r}], Path({str(log)!r}))")
-    proc = subprocess.Popen([sys.executable, "-c", grid], cwd=REPO_ROOT)
+def _grid_of_sleeping_cells(tmp_path, jobs: int, failing: str = "") -> subprocess.Popen:
+    """A benchmark process whose cells each run a child that writes its pid and sleeps (or, for the cell named
+    ``failing``, exits with an error): the grid's own loop, threads and stop, without training."""
+    child = ("import os, pathlib, sys, time; pathlib.Path(sys.argv[1]).write_text(str(os.getpid())); "
+             "sys.exit(3) if sys.argv[2] == 'fail' else time.sleep(120)")
+    grid = f"""
+import signal, sys
+from scripts import benchmark
+def sleeping_cell(out, name, configs, overrides, extra, children):
+    cell = out / name
+    cell.mkdir(parents=True, exist_ok=True)
+    if name == {failing!r}:
+        import time; time.sleep(2)  # let the other cells start first
+    children.run([sys.executable, "-c", {child!r}, str(cell / "child.pid"), "fail" if name == {failing!r} else ""],
+                 cell / "log.txt")
+benchmark.run_cell = sleeping_cell
+sys.exit(benchmark.main(["--data", "phantom", "--noise", "clean", "--methods", "baseline", "--seeds", "0,1,2",
+                         "--jobs", "{jobs}", "--out", {str(tmp_path)!r}]))
+"""
+    return subprocess.Popen([sys.executable, "-c", grid], cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
+
+
+def _child_pids(tmp_path, count: int, proc: subprocess.Popen) -> list[int]:
     deadline = time.monotonic() + 60
-    while not (pid_file.exists() and pid_file.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, "the child never started"
+    files = sorted(tmp_path.glob("*/child.pid"))
+    while len(files) < count or not all(f.read_text() for f in files):
+        assert proc.poll() is None and time.monotonic() < deadline, "the cells never started"
         time.sleep(0.1)
-    child_pid = int(pid_file.read_text())
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        files = sorted(tmp_path.glob("*/child.pid"))
+    return [int(f.read_text()) for f in files]
+
+
+def _assert_gone(pid: int) -> None:
     with pytest.raises(ProcessLookupError):
-        os.kill(child_pid, 0)  # ended and reaped, not left training
-    assert "stopped:" in log.read_text()
+        os.kill(pid, 0)  # ended and reaped, not left training
+
+
+def test_a_stopped_grid_stops_every_cell_it_is_training(tmp_path):
+    """SIGTERM to a grid training two cells at once (--jobs 2) ends both children, logs it in each cell's log,
+    starts the third cell never, and exits with 128 + 15."""
+    proc = _grid_of_sleeping_cells(tmp_path, jobs=2)
+    pids = _child_pids(tmp_path, 2, proc)  # two cells train side by side
+    time.sleep(0.5)
+    assert len(list(tmp_path.glob("*/child.pid"))) == 2  # the third waits for a free job
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=90) == 128 + signal.SIGTERM
+    for pid in pids:
+        _assert_gone(pid)
+    logs = sorted(tmp_path.glob("*/log.txt"))
+    assert len(logs) == 2 and all("stopped:" in log.read_text() for log in logs)
+    assert not (tmp_path / "phantom-clean-dicece-baseline-s2").exists()
+
+
+def test_a_failed_cell_stops_the_cells_beside_it(tmp_path):
+    proc = _grid_of_sleeping_cells(tmp_path, jobs=3, failing="phantom-clean-dicece-baseline-s1")
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "command failed (3)" in stderr and "phantom-clean-dicece-baseline-s1" in stderr
+    for name in ("phantom-clean-dicece-baseline-s0", "phantom-clean-dicece-baseline-s2"):
+        _assert_gone(int((tmp_path / name / "child.pid").read_text()))
+        assert "stopped:" in (tmp_path / name / "log.txt").read_text()
+
+
+def test_jobs_must_be_positive(tmp_path):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--data", "phantom", "--jobs", "0", "--out", str(tmp_path / "grid")])
+    assert not (tmp_path / "grid").exists()
