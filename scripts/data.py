@@ -353,11 +353,10 @@ class SliceDataset(Dataset):
         slice_step: int = 1,
         trusted_empty_margin: int = 0,
     ) -> None:
-        if trusted_empty_run is not None and int(trusted_empty_run) < 1:
-            raise ValueError(f"trusted_empty_run must be >= 1 or None, got {trusted_empty_run}")
         self.trusted_empty_margin = _whole_number(trusted_empty_margin, "trusted_empty_margin", minimum=0)
         self.slice_step = _whole_number(slice_step, "slice_step", minimum=1)
-        self.trusted_empty_run = None if trusted_empty_run is None else int(trusted_empty_run)
+        self.trusted_empty_run = (None if trusted_empty_run is None
+                                  else _whole_number(trusted_empty_run, "trusted_empty_run", minimum=1))
         self.volumes = list(data)
         self.keys = tuple(keys)
         self.volume_transform = volume_transform

@@ -423,8 +423,9 @@ def test_truly_empty_slices_state_every_class(acdc_dir):
     store.labels[ids[:4], :2, :2] = IGNORE_INDEX
     assert ds[int(ids[0])]["pseudo_known"] == ALL_CLASS_BITS
     assert ds[int(ids[3])]["pseudo_known"] == 0
-    with pytest.raises(ValueError, match="trusted_empty_run"):
-        SliceDataset(records, volume_transform=LOAD, trusted_empty_run=0)
+    for bad in (0, 1.5, "2", True):  # a fraction would have been cut to a shorter run than asked for
+        with pytest.raises(ValueError, match="trusted_empty_run"):
+            SliceDataset(records, volume_transform=LOAD, trusted_empty_run=bad)
 
 
 def test_each_sample_carries_the_classes_of_its_whole_manual_slice(acdc_dir):
