@@ -2,8 +2,9 @@
 
 Every cell is one ordinary bundle run (``python -m monai.bundle run training``) with the method's config and the
 cell's overrides merged, followed by two evaluations on the validation split (``configs/evaluate.json``) of the
-B-model (best validation Dice) and the L-model (last epoch). A cell whose ``result.json`` exists is never rerun, so
-an interrupted grid resumes where it stopped. After every cell, ``results.csv``, ``results.md``,
+B-model (best validation Dice) and the L-model (last epoch). ``--jobs N`` trains N cells at once. A cell whose
+``result.json`` exists is never rerun, and a cell stopped half-way goes on from its newest state checkpoint, so an
+interrupted grid resumes where it stopped. After every cell, ``results.csv``, ``results.md``,
 ``results_paper.md`` (tables laid out like the paper's) and ``plots/`` (Dice against noise level,
 validation Dice against epoch) are rewritten from every finished cell of the ``--out`` folder, see
 :mod:`scripts.bench_report`; keep one folder per data set and profile.
@@ -27,7 +28,10 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
+import torch
+
 from scripts.bench_report import tail_dice, write_report
+from scripts.checkpointing import latest_checkpoint
 from scripts.registry import METHODS, NOISE, PROFILES, method_configs, radius_scale
 
 
@@ -91,7 +95,9 @@ class Children:
 
 
 def _exit_on_sigterm(signum, frame):
-    # SIGTERM's default action ends the process without unwinding, which would skip Children.run's cleanup
+    # SIGTERM's default action ends the process without unwinding, which would skip Children.stop; a second
+    # SIGTERM (e.g. `timeout` passing on the one it got) must not interrupt that stop half-way
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 
@@ -114,6 +120,15 @@ def _last_round(path: Path) -> dict:
     return {k: float(rows[-1][k]) for k in keep if rows and rows[-1].get(k) not in (None, "")}
 
 
+def _training_state(cell: Path) -> tuple[int, int] | None:
+    """(epoch, max_epochs) of the cell's newest state checkpoint, or None when it has none."""
+    path = latest_checkpoint(str(cell), "state_checkpoint")
+    if path is None:
+        return None
+    trainer = torch.load(path, map_location="cpu", weights_only=False)["trainer"]
+    return trainer["iteration"] // trainer["epoch_length"], trainer["max_epochs"]
+
+
 def run_cell(out: Path, name: str, configs: list[str], overrides: dict, extra_args: list[str],
              children: Children | None = None) -> dict:
     cell = out / name
@@ -126,13 +141,24 @@ def run_cell(out: Path, name: str, configs: list[str], overrides: dict, extra_ar
                                          "run_name": name}, indent=2))
     files = ["configs/train.json", *configs, str(override_file)]
     log = cell / "log.txt"
-    # a half-finished cell restarts from scratch: its partial checkpoints and curves must not mix into the rerun
-    for stale in ("history.csv", "cleansing_rounds.csv"):
-        (cell / stale).unlink(missing_ok=True)
     train_cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(files), *extra_args]
+    state = _training_state(cell)
     children = children if children is not None else Children()
-    wall = children.run(train_cmd, log)
-    result = {"cell": name, "train_seconds": round(wall, 1), **overrides.get("_meta", {})}
+    result = {"cell": name, **overrides.get("_meta", {})}
+    if state is None:
+        # no state checkpoint: the cell starts from scratch, and curves of an attempt that never reached the end of
+        # its first epoch must not mix into the rerun
+        for stale in ("history.csv", "cleansing_rounds.csv"):
+            (cell / stale).unlink(missing_ok=True)
+        result["train_seconds"] = round(children.run(train_cmd, log), 1)
+    elif state[0] < state[1]:
+        # an interrupted cell goes on from its newest state checkpoint; the bundle's resume repeats the
+        # uninterrupted run bit for bit on CPU (tests/test_resume.py) and trims its CSVs to the checkpoint's epoch
+        # its wall time covers only part of the training, so it has none, and the row says where it went on
+        children.run([*train_cmd, "--resume", "True"], log)
+        result["resumed_from_epoch"] = state[0]
+    else:  # trained to the end, stopped before or during its evaluations
+        result["resumed_from_epoch"] = state[0]
     for tag, ckpt in (("B", "model.pt"), ("L", "model_final.pt")):
         eval_dir = cell / f"eval_{tag}"
         cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str([*files, "configs/evaluate.json"]),
@@ -224,8 +250,9 @@ def write_tables(out: Path, results: list[dict]) -> None:
                     tails = [r["L_tail"] for r in mr if r.get("L_tail") not in (None, "")]
                     # a mean over some seeds only would read as the row's: shown only when every seed has one
                     cells.append(f"{100 * sum(map(float, tails)) / len(tails):.2f}" if len(tails) == len(mr) else "–")
-                    secs = sum(r["train_seconds"] for r in mr) / len(mr)
-                    lines.append(f"| {method} | {len(mr)} | " + " | ".join(cells) + f" | {secs:.0f} |")
+                    secs = [r["train_seconds"] for r in mr if "train_seconds" in r]  # a resumed cell has none
+                    secs = f"{sum(secs) / len(secs):.0f}" if len(secs) == len(mr) else "–"
+                    lines.append(f"| {method} | {len(mr)} | " + " | ".join(cells) + f" | {secs} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 

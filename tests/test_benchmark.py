@@ -264,7 +264,10 @@ def test_noise_radius_follows_the_profiles_scale():
 def _grid_of_sleeping_cells(tmp_path, jobs: int, failing: str = "") -> subprocess.Popen:
     """A benchmark process whose cells each run a child that writes its pid and sleeps (or, for the cell named
     ``failing``, exits with an error): the grid's own loop, threads and stop, without training."""
-    child = ("import os, pathlib, sys, time; pathlib.Path(sys.argv[1]).write_text(str(os.getpid())); "
+    # a child takes a second to end on SIGTERM, as a training run writing its last files would
+    child = ("import os, pathlib, signal, sys, time; "
+             "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1), sys.exit(1))); "
+             "pathlib.Path(sys.argv[1]).write_text(str(os.getpid())); "
              "sys.exit(3) if sys.argv[2] == 'fail' else time.sleep(120)")
     grid = f"""
 import signal, sys
@@ -300,12 +303,14 @@ def _assert_gone(pid: int) -> None:
 
 def test_a_stopped_grid_stops_every_cell_it_is_training(tmp_path):
     """SIGTERM to a grid training two cells at once (--jobs 2) ends both children, logs it in each cell's log,
-    starts the third cell never, and exits with 128 + 15."""
+    starts the third cell never, and exits with 128 + 15, also when a second SIGTERM comes during that stop."""
     proc = _grid_of_sleeping_cells(tmp_path, jobs=2)
     pids = _child_pids(tmp_path, 2, proc)  # two cells train side by side
     time.sleep(0.5)
     assert len(list(tmp_path.glob("*/child.pid"))) == 2  # the third waits for a free job
     proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)  # as `timeout` passes on its own SIGTERM to a grid it runs
     assert proc.wait(timeout=90) == 128 + signal.SIGTERM
     for pid in pids:
         _assert_gone(pid)
@@ -328,3 +333,42 @@ def test_jobs_must_be_positive(tmp_path):
     with pytest.raises(SystemExit):
         benchmark.main(["--data", "phantom", "--jobs", "0", "--out", str(tmp_path / "grid")])
     assert not (tmp_path / "grid").exists()
+
+
+class _RecordingChildren:
+    """Stands in for the grid's child processes: records each command, writes what an evaluation would."""
+
+    def __init__(self):
+        self.commands = []
+
+    def run(self, cmd, log):
+        self.commands.append(cmd)
+        if "--eval_dir" in cmd:
+            eval_dir = Path(cmd[cmd.index("--eval_dir") + 1])
+            eval_dir.mkdir(parents=True, exist_ok=True)
+            (eval_dir / "dice_per_volume.csv").write_text("volume,RV,Myo,LV\nv1,0.5,0.6,0.7\n")
+        return 12.5
+
+
+@pytest.mark.parametrize("epoch, trains, resumes", [(None, True, False), (3, True, True), (5, False, False)])
+def test_an_interrupted_cell_goes_on_from_its_state_checkpoint(tmp_path, epoch, trains, resumes):
+    """No state checkpoint: trained from scratch (stale curves removed). One short of the end: resumed with
+    --resume True, curves kept. One at the last epoch: only the evaluations run."""
+    import torch
+
+    name = "phantom-clean-dicece-baseline-s0"
+    cell = tmp_path / name
+    cell.mkdir()
+    (cell / "history.csv").write_text("epoch,train_loss\n1,0.5\n")
+    if epoch is not None:
+        torch.save({"trainer": {"epoch_length": 4, "iteration": 4 * epoch, "max_epochs": 5}},
+                   cell / f"state_checkpoint_{epoch}.pt")
+    children = _RecordingChildren()
+    row = benchmark.run_cell(tmp_path, name, [], {"_meta": {"seed": 0}}, [], children)
+    training = [c for c in children.commands if "training" in c]
+    assert len(training) == trains and ("--resume" in (training[0] if training else [])) == resumes
+    assert len(children.commands) == trains + 2  # B- and L-model evaluations whatever the training did
+    assert (cell / "history.csv").exists() == (epoch is not None)
+    assert row["B_Myo"] == row["L_Myo"] == 0.6 and (cell / "result.json").exists()
+    # a cell trained in two parts has no wall time of its own, and says where it went on
+    assert ("train_seconds" in row) == (epoch is None) and row.get("resumed_from_epoch") == epoch
