@@ -16,6 +16,7 @@ validation Dice against epoch) are rewritten from every finished cell of the ``-
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import json
 import os
@@ -27,8 +28,6 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
-
-import torch
 
 from scripts.bench_report import tail_dice, write_report
 from scripts.checkpointing import latest_checkpoint
@@ -125,24 +124,52 @@ def _training_state(cell: Path) -> tuple[int, int] | None:
     path = latest_checkpoint(str(cell), "state_checkpoint")
     if path is None:
         return None
+    import torch  # here, not at the top: a grid's own process only reads checkpoints, and starts faster without
+
     trainer = torch.load(path, map_location="cpu", weights_only=False)["trainer"]
     return trainer["iteration"] // trainer["epoch_length"], trainer["max_epochs"]
+
+
+def _scheduled_epochs(files: list[str], extra_args: list[str]) -> int:
+    """The epochs a cell's bundle run is configured for: its configs, then the ``--key value`` pairs of the extra
+    arguments, as ``monai.bundle run`` applies them."""
+    from scripts.bench_common import parse_bundle  # imports MONAI: only when a checkpoint is to be checked
+
+    overrides = {}
+    for key, value in zip(extra_args[::2], extra_args[1::2]):
+        if key.startswith("--"):
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):  # a plain string, as the command line gives it
+                pass
+            overrides[key[2:]] = value
+    return int(parse_bundle(files, overrides).get_parsed_content("train#trainer#max_epochs"))
+
+
+def _check_schedule(cell: Path, state: tuple[int, int] | None, files: list[str], extra_args: list[str]) -> None:
+    """Refuse a cell trained towards another number of epochs than the grid now asks for (a profile changed since,
+    or other overrides): going on, or tabulating it, would mix two schedules in one table."""
+    if state is not None and state[1] != (epochs := _scheduled_epochs(files, extra_args)):
+        raise ValueError(f"{cell} was trained towards {state[1]} epochs, this grid asks for {epochs}: run the grid "
+                         f"into another --out (one folder per profile and bundle version)")
 
 
 def run_cell(out: Path, name: str, configs: list[str], overrides: dict, extra_args: list[str],
              children: Children | None = None) -> dict:
     cell = out / name
     result_file = cell / "result.json"
+    override_file = cell / "overrides.json"
+    files = ["configs/train.json", *configs, str(override_file)]
+    state = _training_state(cell)
     if result_file.exists():
+        _check_schedule(cell, state, files, extra_args)
         return json.loads(result_file.read_text())
     cell.mkdir(parents=True, exist_ok=True)
-    override_file = cell / "overrides.json"
     override_file.write_text(json.dumps({**overrides, "output_dir": str(cell), "ckpt_dir": str(cell / "models"),
                                          "run_name": name}, indent=2))
-    files = ["configs/train.json", *configs, str(override_file)]
+    _check_schedule(cell, state, files, extra_args)
     log = cell / "log.txt"
     train_cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(files), *extra_args]
-    state = _training_state(cell)
     children = children if children is not None else Children()
     result = {"cell": name, **overrides.get("_meta", {})}
     if state is None:
