@@ -16,7 +16,6 @@ validation Dice against epoch) are rewritten from every finished cell of the ``-
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import json
 import os
@@ -126,23 +125,20 @@ def _training_state(cell: Path) -> tuple[int, int] | None:
         return None
     import torch  # here, not at the top: a grid's own process only reads checkpoints, and starts faster without
 
-    trainer = torch.load(path, map_location="cpu", weights_only=False)["trainer"]
+    # mapped, not read: only the trainer's counters are wanted from a file that holds the network and optimiser too
+    trainer = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["trainer"]
     return trainer["iteration"] // trainer["epoch_length"], trainer["max_epochs"]
 
 
 def _scheduled_epochs(files: list[str], extra_args: list[str]) -> int:
     """The epochs a cell's bundle run is configured for: its configs, then the ``--key value`` pairs of the extra
-    arguments, as ``monai.bundle run`` applies them."""
+    arguments, read by Fire's value parser as ``monai.bundle run`` reads them."""
+    from fire.parser import DefaultParseValue
+
     from scripts.bench_common import parse_bundle  # imports MONAI: only when a checkpoint is to be checked
 
-    overrides = {}
-    for key, value in zip(extra_args[::2], extra_args[1::2]):
-        if key.startswith("--"):
-            try:
-                value = ast.literal_eval(value)
-            except (ValueError, SyntaxError):  # a plain string, as the command line gives it
-                pass
-            overrides[key[2:]] = value
+    overrides = {key[2:]: DefaultParseValue(value) for key, value in zip(extra_args[::2], extra_args[1::2])
+                 if key.startswith("--")}
     return int(parse_bundle(files, overrides).get_parsed_content("train#trainer#max_epochs"))
 
 
@@ -161,13 +157,14 @@ def run_cell(out: Path, name: str, configs: list[str], overrides: dict, extra_ar
     override_file = cell / "overrides.json"
     files = ["configs/train.json", *configs, str(override_file)]
     state = _training_state(cell)
-    if result_file.exists():
-        _check_schedule(cell, state, files, extra_args)
-        return json.loads(result_file.read_text())
-    cell.mkdir(parents=True, exist_ok=True)
-    override_file.write_text(json.dumps({**overrides, "output_dir": str(cell), "ckpt_dir": str(cell / "models"),
-                                         "run_name": name}, indent=2))
+    finished = result_file.exists()
+    if not finished:  # a finished cell keeps the overrides it was trained with
+        cell.mkdir(parents=True, exist_ok=True)
+        override_file.write_text(json.dumps({**overrides, "output_dir": str(cell), "ckpt_dir": str(cell / "models"),
+                                             "run_name": name}, indent=2))
     _check_schedule(cell, state, files, extra_args)
+    if finished:
+        return json.loads(result_file.read_text())
     log = cell / "log.txt"
     train_cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(files), *extra_args]
     children = children if children is not None else Children()
