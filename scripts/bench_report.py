@@ -4,6 +4,9 @@
 * ``results_paper.md``: per data set and training loss, one table laid out like the paper's Tables 2-3 (noise level,
   method, B-model and L-model Dice per class and their average), the best value of each noise level in bold; and,
   where the Table-4 ablations ran, a table laid out like Table 4.
+* :func:`seed_table`: one row per cell and one mean row per method, from a docs table's CSV (``python -m
+  scripts.bench_report docs/results/collapse.csv --classes RV,Myo,LV`` prints it), so docs' per-seed tables are
+  rendered from their committed numbers, not typed.
 * ``plots/dice_vs_noise_<data>_<loss>.png``: mean Dice (B-model and L-model) against the noise level, per method.
 * ``plots/val_dice_<data>_<noise>_<loss>.png``: validation Dice against epoch, per method (mean over seeds).
 """
@@ -15,7 +18,7 @@ from pathlib import Path
 
 from scripts.registry import NOISE
 
-__all__ = ["write_report", "paper_tables", "noise_label", "method_label"]
+__all__ = ["write_report", "paper_tables", "seed_table", "noise_label", "method_label"]
 
 # how methods are named in the paper's tables; others keep their key
 METHOD_LABELS = {
@@ -34,6 +37,8 @@ METHOD_LABELS = {
     "ablation_lcm": "Baseline+LCM",
     "ablation_lcm_pred": "Baseline+LCM (pred)",
     "ablation_lcm_avg": "Baseline+LCM (avg)",
+    "oracle_drop_noisy": "Oracle: noisy slices dropped",
+    "oracle_fix_boundary": "Oracle: boundary noise given clean labels",
 }
 # The paper's Table 3 (ACDC, 500 epochs at full resolution), Average columns, B-model / L-model in %. Its rows
 # come in blocks of six (Baseline, PL, CL, JoCoR, SP, Ours) per noise level, beta = 5 first, then beta = 10.
@@ -163,6 +168,39 @@ def paper_tables(results: list[dict]) -> str:
             lines += _ablation_table(sub, classes)
             if data == "acdc":
                 lines += _beside_paper(sub, classes)
+    return "\n".join(lines) + "\n"
+
+
+def seed_table(rows: list[dict], classes: list[str] | None = None) -> str:
+    """Markdown of every cell in ``rows`` (in their order) and then, per (loss, noise, method), the mean over its
+    seeds: Dice per class and mean, B-model and L-model, ``L_tail`` and the last round's filter precision / recall
+    where the cell has them. ``rows`` are ``result.json`` rows or rows read back from an exported CSV."""
+    if not rows:
+        return ""
+    classes = classes or _classes(rows)
+    head = " | ".join(f"{c} {t}" for c in classes for t in "BL")
+    lines = [f"| loss | labels | method | seed | {head} | mean B | mean L | L tail | filter P / R |",
+             "|" + "---|" * (8 + 2 * len(classes))]
+
+    def pct(v):
+        return "" if v in (None, "") else f"{100 * float(v):.2f}"
+
+    for r in rows:
+        dice = " | ".join(pct(r.get(f"{t}_{c}")) for c in classes for t in "BL")
+        pr = (f"{float(r['filter_precision']):.2f} / {float(r['filter_recall']):.2f}"
+              if r.get("filter_precision") not in (None, "") and r.get("filter_recall") not in (None, "") else "")
+        lines.append(f"| {r['loss']} | {noise_label(r['noise'])} | {method_label(r['method'])} | {r['seed']} | "
+                     f"{dice} | **{pct(_average(r, 'B', classes))}** | **{pct(_average(r, 'L', classes))}** | "
+                     f"{pct(r.get('L_tail'))} | {pr} |")
+    groups = dict.fromkeys((r["loss"], r["noise"], r["method"]) for r in rows)
+    for loss, noise, method in groups:
+        mine = [r for r in rows if (r["loss"], r["noise"], r["method"]) == (loss, noise, method)]
+        s = _summary(mine, classes)
+        dice = " | ".join(_fmt(s[f"{t}_{c}"], False) for c in classes for t in "BL")
+        tails = [100 * float(r["L_tail"]) for r in mine if r.get("L_tail") not in (None, "")]
+        tail = _fmt(_mean(tails), False) if tails else ""
+        lines.append(f"| {loss} | {noise_label(noise)} | {method_label(method)}, mean of {s['seeds']} seeds | | "
+                     f"{dice} | {_fmt(s['B_avg'], True)} | {_fmt(s['L_avg'], True)} | {tail} | |")
     return "\n".join(lines) + "\n"
 
 
@@ -327,3 +365,28 @@ def write_report(out: Path, results: list[dict]) -> list[Path]:
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     return [table, *_plot_dice_vs_noise(plots, results, classes), *_plot_val_curves(out, plots, results)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print a docs table's per-seed Markdown from its CSV.")
+    parser.add_argument("csv", help="a CSV written by `python -m scripts.benchmark --export`")
+    parser.add_argument("--classes", default=None,
+                        help="comma-separated class names in table order (default: as the CSV's columns come)")
+    args = parser.parse_args(argv)
+    path = Path(args.csv)
+    if not path.is_file():
+        parser.error(f"{path}: no such file")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    classes = args.classes.split(",") if args.classes else None
+    missing = [c for c in classes or [] if not any(f"B_{c}" in r for r in rows)]
+    if missing:
+        parser.error(f"{path}: no B_<class> column for {', '.join(missing)}")
+    print(seed_table(rows, classes), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -15,7 +15,8 @@ from monai.bundle import ConfigParser
 
 from conftest import REPO_ROOT
 from scripts import benchmark
-from scripts.bench_report import noise_label, paper_tables, write_report
+from scripts import bench_report
+from scripts.bench_report import noise_label, paper_tables, seed_table, write_report
 
 CLASSES = ("RV", "Myo", "LV")
 
@@ -391,3 +392,33 @@ def test_a_cell_trained_towards_another_schedule_is_refused(tmp_path):
         benchmark.run_cell(tmp_path, name, [], {"_meta": {"seed": 0}}, ["--epochs", "7"], children)
     assert children.commands == []
     assert benchmark.run_cell(tmp_path, name, [], {"_meta": {"seed": 0}}, ["--epochs", "5"], children)["seed"] == 0
+
+
+def test_seed_table_from_an_exported_csv_in_the_given_class_order(tmp_path, capsys):
+    rows = [_result("acdc", "a70b10", "dicece", m, s, 0.6 + 0.1 * s) for m in ("baseline", "self_cleansing")
+            for s in (0, 1)]
+    rows[2].update(filter_precision=0.9, filter_recall=0.85, L_tail=0.5)
+    export = tmp_path / "grid.csv"
+    benchmark.write_csv(export, rows)  # columns come back alphabetical: LV, Myo, RV
+    assert bench_report.main([str(export), "--classes", "RV,Myo,LV"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| loss | labels | method | seed | RV B | RV L | Myo B | Myo L | LV B | LV L |")
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in lines[2:]]
+    assert len(cells) == 6  # four cells, then one mean row per method
+    assert cells[2][2:5] == ["Ours (bundle default)", "0", "60.00"]  # RV B of seed 0
+    assert cells[2][-2:] == ["50.00", "0.90 / 0.85"]
+    assert cells[3][-1] == ""  # seed 1 has no filter columns
+    mean = cells[5]
+    assert mean[2] == "Ours (bundle default), mean of 2 seeds" and mean[3] == ""
+    # RV B = mean of 0.60 and 0.70; the mean B of a seed is the mean of 0.6, 0.59, 0.58
+    assert mean[4] == "65.00" and mean[10] == "**64.00**" and mean[12] == "50.00"
+    assert seed_table(rows[:2]) == seed_table(rows[:2], ["RV", "Myo", "LV"])  # result.json rows keep their order
+
+
+def test_seed_table_refuses_a_missing_file_or_class(tmp_path):
+    with pytest.raises(SystemExit):
+        bench_report.main([str(tmp_path / "none.csv")])
+    export = tmp_path / "grid.csv"
+    benchmark.write_csv(export, [_result("acdc", "clean", "dice", "baseline", 0, 0.7)])
+    with pytest.raises(SystemExit):
+        bench_report.main([str(export), "--classes", "RV,Aorta"])
