@@ -172,9 +172,9 @@ def paper_tables(results: list[dict]) -> str:
 
 
 def seed_table(rows: list[dict], classes: list[str] | None = None) -> str:
-    """Markdown of every cell in ``rows`` (in their order) and then, per (loss, noise, method), the mean over its
-    seeds: Dice per class and mean, B-model and L-model, ``L_tail`` and the last round's filter precision / recall
-    where the cell has them. ``rows`` are ``result.json`` rows or rows read back from an exported CSV."""
+    """Markdown of every cell in ``rows`` (in their order) and then, per data set, loss, noise and method, the mean
+    over its seeds: Dice per class and mean, B-model and L-model, ``L_tail`` and the last round's filter precision /
+    recall where the cell has them. ``rows`` are ``result.json`` rows or rows read back from an exported CSV."""
     if not rows:
         return ""
     classes = classes or _classes(rows)
@@ -192,9 +192,12 @@ def seed_table(rows: list[dict], classes: list[str] | None = None) -> str:
         lines.append(f"| {r['loss']} | {noise_label(r['noise'])} | {method_label(r['method'])} | {r['seed']} | "
                      f"{dice} | **{pct(_average(r, 'B', classes))}** | **{pct(_average(r, 'L', classes))}** | "
                      f"{pct(r.get('L_tail'))} | {pr} |")
-    groups = dict.fromkeys((r["loss"], r["noise"], r["method"]) for r in rows)
-    for loss, noise, method in groups:
-        mine = [r for r in rows if (r["loss"], r["noise"], r["method"]) == (loss, noise, method)]
+    def group(r):  # a CSV may hold several data sets; their cells are never averaged together
+        return r.get("data", ""), r["loss"], r["noise"], r["method"]
+
+    for key in dict.fromkeys(group(r) for r in rows):
+        _, loss, noise, method = key
+        mine = [r for r in rows if group(r) == key]
         s = _summary(mine, classes)
         dice = " | ".join(_fmt(s[f"{t}_{c}"], False) for c in classes for t in "BL")
         tails = [100 * float(r["L_tail"]) for r in mine if r.get("L_tail") not in (None, "")]
