@@ -202,7 +202,8 @@ def seed_table(rows: list[dict], classes: list[str] | None = None) -> str:
         dice = " | ".join(_fmt(s[f"{t}_{c}"], False) for c in classes for t in "BL")
         tails = [100 * float(r["L_tail"]) for r in mine if r.get("L_tail") not in (None, "")]
         tail = _fmt(_mean(tails), False) if tails else ""
-        lines.append(f"| {loss} | {noise_label(noise)} | {method_label(method)}, mean of {s['seeds']} seeds | | "
+        seeds = f"{s['seeds']} seed" + "s" * (s["seeds"] != 1)
+        lines.append(f"| {loss} | {noise_label(noise)} | {method_label(method)}, mean of {seeds} | | "
                      f"{dice} | {_fmt(s['B_avg'], True)} | {_fmt(s['L_avg'], True)} | {tail} | |")
     return "\n".join(lines) + "\n"
 

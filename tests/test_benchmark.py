@@ -415,7 +415,7 @@ def test_seed_table_from_an_exported_csv_in_the_given_class_order(tmp_path, caps
     assert seed_table(rows[:2]) == seed_table(rows[:2], ["RV", "Myo", "LV"])  # result.json rows keep their order
     both = seed_table([*rows[:2], _result("phantom", "a70b10", "dicece", "baseline", 0, 0.9)])
     means = [line for line in both.splitlines() if "mean of" in line]
-    assert [m.split("|")[3].strip() for m in means] == ["Baseline, mean of 2 seeds", "Baseline, mean of 1 seeds"]
+    assert [m.split("|")[3].strip() for m in means] == ["Baseline, mean of 2 seeds", "Baseline, mean of 1 seed"]
 
 
 def test_seed_table_refuses_a_missing_file_or_class(tmp_path):
