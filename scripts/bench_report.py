@@ -383,7 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     if not path.is_file():
         parser.error(f"{path}: no such file")
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows, columns = list(reader), reader.fieldnames or []
+    lacking = [c for c in ("loss", "noise", "method", "seed") if c not in columns]
+    if lacking or not rows:
+        parser.error(f"{path}: not a benchmark export (" + (f"no column {', '.join(lacking)}" if lacking
+                                                              else "no rows") + ")")
     classes = args.classes.split(",") if args.classes else None
     missing = [c for c in classes or [] if not any(f"B_{c}" in r for r in rows)]
     if missing:

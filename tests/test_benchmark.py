@@ -425,3 +425,7 @@ def test_seed_table_refuses_a_missing_file_or_class(tmp_path):
     benchmark.write_csv(export, [_result("acdc", "clean", "dice", "baseline", 0, 0.7)])
     with pytest.raises(SystemExit):
         bench_report.main([str(export), "--classes", "RV,Aorta"])
+    for text in ("", "volume,RV\nv1,0.8\n", "cell,loss,noise,method,seed,B_RV\n"):  # empty, foreign, header only
+        export.write_text(text)
+        with pytest.raises(SystemExit):
+            bench_report.main([str(export)])
