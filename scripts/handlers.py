@@ -12,7 +12,7 @@ import importlib
 import logging
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ignite.distributed as idist
 import torch
@@ -24,6 +24,7 @@ from scripts.filtering import CLEANSE, KEEP_MANUAL, FilterResult, LabelFilter, r
 from scripts.flags import as_flag
 from scripts.losses import HybridLoss, probabilities
 from scripts.metrics import cleansing_quality
+from scripts.noise import CLEAN, ORACLES, oracle_labels
 from scripts.repair import adjacent_labels
 from scripts.schedule import hybrid_weights
 from scripts.slice_pass import SlicePass, eval_mode
@@ -31,7 +32,7 @@ from scripts.sources import GridPrototypes, PseudoLabelSource
 from scripts.store import PseudoLabelStore
 from scripts.targets import TargetRules, cleansed_targets, leaves_out
 
-__all__ = ["HybridLossSchedule", "SelfCleansing", "CleansingRound"]
+__all__ = ["HybridLossSchedule", "SelfCleansing", "OracleCleansing", "CleansingRound"]
 
 # handlers that lived here up to bundle version 0.5.0; configs written for it still name them here
 _MOVED = {
@@ -280,6 +281,47 @@ class SelfCleansing:
             # every rank computed the same round from the same gathered inputs; copying rank 0's store (labels,
             # verdicts, history) makes that a guarantee rather than a consequence of deterministic GMM fits
             self.store.broadcast(src=0)
+
+
+class OracleCleansing(SelfCleansing):
+    """A reference, not a method: rounds whose verdicts and targets come from the simulated noise's true flags.
+
+    Every round runs as :class:`SelfCleansing` does (the pass over the slices and the label filter, whose fit is
+    still logged), then calls exactly the slices the noise touched Noisy and cleanses them with the reference label
+    set :func:`scripts.noise.oracle_labels` builds (``fix_boundary``: a missed slice carries no loss, a
+    boundary-noise slice its clean label). Where ``train#dataset#oracle`` gives those labels from the first epoch,
+    this gives them from the end of the warm-up, so a run measures what a perfect filter with a perfect repair
+    would reach *after* training on the noisy labels as the method does: the bound of any cleansing round on the
+    same schedule. Only for data with simulated noise.
+
+    Args:
+        oracle: the reference set, one of :data:`scripts.noise.ORACLES`.
+        rules: must leave the candidates as they are (the default ``TargetRules()``); the reference is the target.
+    """
+
+    def __init__(self, *args, oracle: str = "fix_boundary", **kwargs) -> None:
+        if oracle not in ORACLES:
+            raise ValueError(f"unknown oracle '{oracle}': use one of {list(ORACLES)}")
+        super().__init__(*args, **kwargs)
+        if self.rules != TargetRules():
+            raise ValueError(f"OracleCleansing trains on the reference labels as they are; got rules {self.rules}")
+        self.oracle = oracle
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled and getattr(self.dataset, "noise_flags", None) is None:
+            raise ValueError("OracleCleansing needs simulated label noise (label_noise): its verdicts are the true "
+                             "noise flags")
+        super().attach(engine)
+
+    def filter(self, rnd: CleansingRound) -> None:
+        super().filter(rnd)
+        flags = torch.as_tensor(self.dataset.noise_flags)
+        noisy = flags != CLEAN
+        rnd.manual_filter = replace(rnd.manual_filter, clean=~noisy)
+        rnd.actions = torch.where(noisy, CLEANSE, KEEP_MANUAL).to(rnd.actions.dtype)
+        rnd.candidates = oracle_labels(self.dataset.labels(), self.dataset.clean_labels(), flags, self.oracle)
+        rnd.summary.update(manual_clean=int((~noisy).sum()), manual_noisy=int(noisy.sum()), kept_manual=int(
+            (~noisy).sum()), kept_pseudo=0, cleansed=int(noisy.sum()), oracle=self.oracle)
 
 
 # keyword arguments of SelfCleansing up to bundle version 0.6.0, and where each one went

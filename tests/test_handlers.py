@@ -16,10 +16,10 @@ from conftest import REPO_ROOT, load_nifti
 from scripts.data import SliceDataset, acdc_datalist
 from scripts.engine import CleansingEvents, HybridPrepareBatch
 from scripts.filtering import CLEANSE, KEEP_MANUAL, KEEP_PSEUDO, LabelFilter
-from scripts.handlers import CleansingRound, HybridLossSchedule, SelfCleansing
+from scripts.handlers import CleansingRound, HybridLossSchedule, OracleCleansing, SelfCleansing
 from scripts.losses import HybridLoss, SegmentationLoss
 from scripts.network import ResidualUNet
-from scripts.noise import disk
+from scripts.noise import BOUNDARY, CLEAN, MISSING, disk
 from scripts.repair import near_foreground
 from scripts.slice_pass import SlicePass
 from scripts.sources import GridPrototypes, Prediction
@@ -647,3 +647,51 @@ def test_the_round_measures_contour_offsets_for_a_filter_that_refits_on_them():
     plain.collect(rnd)
     plain.filter(rnd)
     assert rnd.contour_offset is None and rnd.summary["gmm1_statistic"] == "loss"
+
+
+def _noisy_toy() -> tuple[SliceDataset, list[int], list[int]]:
+    """The toy set with missed slices and contours drawn 2 pixels too wide, its true flags set as noise sets them."""
+    ds = toy_dataset()
+    labels, missing, wide = ds.labels().clone(), [1, 5, 9], [2, 6, 10]
+    labels[missing] = 0
+    for i in wide:
+        labels[i] = torch.from_numpy(ndimage.binary_dilation(labels[i].numpy() == 1, disk(2)).astype(np.uint8))
+    ds.set_labels(labels)
+    flags = torch.full((len(ds.data),), CLEAN)
+    flags[missing], flags[wide] = MISSING, BOUNDARY
+    ds.noise_flags = flags
+    return ds, missing, wide
+
+
+def test_oracle_round_cleanses_exactly_the_noisy_slices_with_the_reference_labels():
+    ds, missing, wide = _noisy_toy()
+    store = PseudoLabelStore("zeros")
+    handler = OracleCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, source=Prediction())
+    store.initialise(ds.labels())
+    rnd = CleansingRound(epoch=1, index=1)
+    handler.collect(rnd)
+    handler.filter(rnd)
+    handler.cleanse(rnd)
+    noisy = torch.zeros(len(ds.data), dtype=torch.bool)
+    noisy[missing + wide] = True
+    assert torch.equal(store.actions[-1] == CLEANSE, noisy)
+    assert torch.equal(store.actions[-1] == KEEP_MANUAL, ~noisy)
+    assert (store.labels[missing] == 255).all()  # a missed slice carries no loss
+    assert torch.equal(store.labels[wide], ds.clean_labels()[wide])
+    assert torch.equal(store.labels[~noisy], ds.labels()[~noisy])
+    summary = store.rounds[-1]
+    assert summary["filter_precision"] == summary["filter_recall"] == 1.0
+    assert (summary["cleansed"], summary["kept_manual"], summary["oracle"]) == (6, len(ds.data) - 6, "fix_boundary")
+
+
+def test_oracle_round_refuses_what_it_cannot_build():
+    ds = toy_dataset()  # no simulated noise: no true flags
+    with pytest.raises(ValueError, match="needs simulated label noise"):
+        OracleCleansing(constant_network(ds), ds, PseudoLabelStore("zeros"), num_classes=2,
+                        start_epoch=1).attach(Engine(lambda e, b: None))
+    with pytest.raises(ValueError, match="unknown oracle 'perfect'"):
+        OracleCleansing(constant_network(ds), ds, PseudoLabelStore("zeros"), num_classes=2, start_epoch=1,
+                        oracle="perfect")
+    with pytest.raises(ValueError, match="reference labels as they are"):
+        OracleCleansing(constant_network(ds), ds, PseudoLabelStore("zeros"), num_classes=2, start_epoch=1,
+                        rules=TargetRules(agreement=True))
