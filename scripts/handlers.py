@@ -294,16 +294,20 @@ class OracleCleansing(SelfCleansing):
     would reach *after* training on the noisy labels as the method does: the bound of any cleansing round on the
     same schedule. Only for data with simulated noise.
 
+    With ``oracle=None`` only the verdicts are the true flags, and the cleansed slices get the source's candidates
+    trimmed by the ``rules``, as the method's: a perfect filter with the method's own repair.
+
     Args:
-        oracle: the reference set, one of :data:`scripts.noise.ORACLES`.
-        rules: must leave the candidates as they are (the default ``TargetRules()``); the reference is the target.
+        oracle: the reference set, one of :data:`scripts.noise.ORACLES`, or ``None`` (see above).
+        rules: with a reference set, must leave the candidates as they are (the default ``TargetRules()``): the
+            reference is the target.
     """
 
     def __init__(self, *args, oracle: str = "fix_boundary", **kwargs) -> None:
-        if oracle not in ORACLES:
-            raise ValueError(f"unknown oracle '{oracle}': use one of {list(ORACLES)}")
+        if oracle is not None and oracle not in ORACLES:
+            raise ValueError(f"unknown oracle '{oracle}': use one of {list(ORACLES)} or None")
         super().__init__(*args, **kwargs)
-        if self.rules != TargetRules():
+        if oracle is not None and self.rules != TargetRules():
             raise ValueError(f"OracleCleansing trains on the reference labels as they are; got rules {self.rules}")
         self.oracle = oracle
 
@@ -319,7 +323,8 @@ class OracleCleansing(SelfCleansing):
         noisy = flags != CLEAN
         rnd.manual_filter = replace(rnd.manual_filter, clean=~noisy)
         rnd.actions = torch.where(noisy, CLEANSE, KEEP_MANUAL).to(rnd.actions.dtype)
-        rnd.candidates = oracle_labels(self.dataset.labels(), self.dataset.clean_labels(), flags, self.oracle)
+        if self.oracle is not None:
+            rnd.candidates = oracle_labels(self.dataset.labels(), self.dataset.clean_labels(), flags, self.oracle)
         rnd.summary.update(manual_clean=int((~noisy).sum()), manual_noisy=int(noisy.sum()), kept_manual=int(
             (~noisy).sum()), kept_pseudo=0, cleansed=int(noisy.sum()), oracle=self.oracle)
 

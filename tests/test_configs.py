@@ -29,7 +29,7 @@ SPECIAL = {
     "methods/pick_and_learn_dice.json": (["train.json", "methods/pick_and_learn.json"], "train#trainer"),
     # the oracle references are built from the true flags of simulated noise
     **{f"variants/oracle_{k}.json": (["train.json", "noise.json"], "train#trainer")
-       for k in ("drop_missing", "drop_noisy", "fix_boundary", "after_warmup")},
+       for k in ("drop_missing", "drop_noisy", "fix_boundary", "after_warmup", "filter")},
 }
 # keys a file needs set otherwise for the three-patient test data
 EXTRA = {"acdc_collapse.json": {"train_subjects": 2}}

@@ -689,9 +689,30 @@ def test_oracle_round_refuses_what_it_cannot_build():
     with pytest.raises(ValueError, match="needs simulated label noise"):
         OracleCleansing(constant_network(ds), ds, PseudoLabelStore("zeros"), num_classes=2,
                         start_epoch=1).attach(Engine(lambda e, b: None))
-    with pytest.raises(ValueError, match="unknown oracle 'perfect'"):
+    with pytest.raises(ValueError, match="unknown oracle 'perfect'.*or None"):
         OracleCleansing(constant_network(ds), ds, PseudoLabelStore("zeros"), num_classes=2, start_epoch=1,
                         oracle="perfect")
     with pytest.raises(ValueError, match="reference labels as they are"):
         OracleCleansing(constant_network(ds), ds, PseudoLabelStore("zeros"), num_classes=2, start_epoch=1,
                         rules=TargetRules(agreement=True))
+
+
+def test_oracle_filter_gives_the_true_verdicts_and_keeps_the_methods_targets():
+    ds, missing, wide = _noisy_toy()
+    store = PseudoLabelStore("zeros")
+    handler = OracleCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, source=Prediction(),
+                              rules=TargetRules(agreement=True), oracle=None)
+    store.initialise(ds.labels())
+    rnd = CleansingRound(epoch=1, index=1)
+    handler.collect(rnd)
+    handler.filter(rnd)
+    handler.cleanse(rnd)
+    assert sorted(torch.nonzero(store.actions[-1] == CLEANSE).flatten().tolist()) == sorted(missing + wide)
+    manual, clean = ds.labels(), ds.clean_labels()
+    # agreement: a wide contour's ring, where the (clean) prediction and the manual label disagree, carries no loss
+    ring = (manual[wide] == 1) & (clean[wide] == 0)
+    assert ring.any() and (store.labels[wide][ring] == 255).all()
+    assert torch.equal(store.labels[wide][~ring], clean[wide][~ring])
+    # a missed slice keeps the background both agree on and leaves the disc out
+    assert (store.labels[missing][clean[missing] == 1] == 255).all()
+    assert (store.labels[missing][clean[missing] == 0] == 0).all()
