@@ -39,6 +39,8 @@ METHOD_LABELS = {
     "ablation_lcm_avg": "Baseline+LCM (avg)",
     "oracle_drop_noisy": "Oracle: noisy slices dropped",
     "oracle_fix_boundary": "Oracle: boundary noise given clean labels",
+    "oracle_after_warmup": "Oracle from the first round: boundary noise given clean labels",
+    "oracle_filter": "Oracle filter, the default's targets",
 }
 # The paper's Table 3 (ACDC, 500 epochs at full resolution), Average columns, B-model / L-model in %. Its rows
 # come in blocks of six (Baseline, PL, CL, JoCoR, SP, Ours) per noise level, beta = 5 first, then beta = 10.
