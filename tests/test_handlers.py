@@ -91,17 +91,21 @@ def cleansing(ds, store, net=None, source=None, **options) -> SelfCleansing:
                          label_filter=LabelFilter(**label_filter), **options)
 
 
-def first_round(missing: tuple, trusted_empty_run=None, **kwargs):
-    """One cleansing round on the toy set with the given slices' labels removed, cleansed by prediction."""
-    ds = toy_dataset(missing=missing, trusted_empty_run=trusted_empty_run)
-    store = PseudoLabelStore("zeros")
-    handler = cleansing(ds, store, **kwargs)
-    store.initialise(ds.labels())
+def run_round(handler: SelfCleansing) -> CleansingRound:
+    """The first round of ``handler`` on its data set, its store starting from the manual labels."""
+    handler.store.initialise(handler.dataset.labels())
     rnd = CleansingRound(epoch=1, index=1)
     handler.collect(rnd)
     handler.filter(rnd)
     handler.cleanse(rnd)
-    return ds, store, rnd
+    return rnd
+
+
+def first_round(missing: tuple, trusted_empty_run=None, **kwargs):
+    """One cleansing round on the toy set with the given slices' labels removed, cleansed by prediction."""
+    ds = toy_dataset(missing=missing, trusted_empty_run=trusted_empty_run)
+    store = PseudoLabelStore("zeros")
+    return ds, store, run_round(cleansing(ds, store, **kwargs))
 
 
 @pytest.mark.parametrize("unlabelled_as_noisy", [True, False])
@@ -330,13 +334,7 @@ def test_confident_fill_restores_what_the_network_is_sure_of():
 
 def _round_on(ds: SliceDataset, **kwargs) -> tuple[PseudoLabelStore, CleansingRound]:
     store = PseudoLabelStore("zeros")
-    handler = cleansing(ds, store, agreement=True, **kwargs)
-    store.initialise(ds.labels())
-    rnd = CleansingRound(epoch=1, index=1)
-    handler.collect(rnd)
-    handler.filter(rnd)
-    handler.cleanse(rnd)
-    return store, rnd
+    return store, run_round(cleansing(ds, store, agreement=True, **kwargs))
 
 
 def test_repair_radius_moves_a_wide_contour_back_and_keeps_its_ring_supervised():
@@ -666,12 +664,7 @@ def _noisy_toy() -> tuple[SliceDataset, list[int], list[int]]:
 def test_oracle_round_cleanses_exactly_the_noisy_slices_with_the_reference_labels():
     ds, missing, wide = _noisy_toy()
     store = PseudoLabelStore("zeros")
-    handler = OracleCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, source=Prediction())
-    store.initialise(ds.labels())
-    rnd = CleansingRound(epoch=1, index=1)
-    handler.collect(rnd)
-    handler.filter(rnd)
-    handler.cleanse(rnd)
+    run_round(OracleCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, source=Prediction()))
     noisy = torch.zeros(len(ds.data), dtype=torch.bool)
     noisy[missing + wide] = True
     assert torch.equal(store.actions[-1] == CLEANSE, noisy)
@@ -700,13 +693,8 @@ def test_oracle_round_refuses_what_it_cannot_build():
 def test_oracle_filter_gives_the_true_verdicts_and_keeps_the_methods_targets():
     ds, missing, wide = _noisy_toy()
     store = PseudoLabelStore("zeros")
-    handler = OracleCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, source=Prediction(),
-                              rules=TargetRules(agreement=True), oracle=None)
-    store.initialise(ds.labels())
-    rnd = CleansingRound(epoch=1, index=1)
-    handler.collect(rnd)
-    handler.filter(rnd)
-    handler.cleanse(rnd)
+    run_round(OracleCleansing(constant_network(ds), ds, store, num_classes=2, start_epoch=1, source=Prediction(),
+                              rules=TargetRules(agreement=True), oracle=None))
     assert sorted(torch.nonzero(store.actions[-1] == CLEANSE).flatten().tolist()) == sorted(missing + wide)
     manual, clean = ds.labels(), ds.clean_labels()
     # agreement: a wide contour's ring, where the (clean) prediction and the manual label disagree, carries no loss
