@@ -291,8 +291,8 @@ class OracleCleansing(SelfCleansing):
     set :func:`scripts.noise.oracle_labels` builds (``fix_boundary``: a missed slice carries no loss, a
     boundary-noise slice its clean label). Where ``train#dataset#oracle`` gives those labels from the first epoch,
     this gives them from the end of the warm-up, so a run measures what a perfect filter with a perfect repair
-    would reach *after* training on the noisy labels as the method does: the bound of any cleansing round on the
-    same schedule. Only for data with simulated noise.
+    would reach *after* training on the noisy labels as the method does: the reference for a cleansing round on
+    the same schedule. Only for data with simulated noise.
 
     With ``oracle=None`` only the verdicts are the true flags, and the cleansed slices get the source's candidates
     trimmed by the ``rules``, as the method's: a perfect filter with the method's own repair.
@@ -303,7 +303,7 @@ class OracleCleansing(SelfCleansing):
             reference is the target.
     """
 
-    def __init__(self, *args, oracle: str = "fix_boundary", **kwargs) -> None:
+    def __init__(self, *args, oracle: str | None = "fix_boundary", **kwargs) -> None:
         if oracle is not None and oracle not in ORACLES:
             raise ValueError(f"unknown oracle '{oracle}': use one of {list(ORACLES)} or None")
         super().__init__(*args, **kwargs)
