@@ -325,8 +325,10 @@ class OracleCleansing(SelfCleansing):
         rnd.actions = torch.where(noisy, CLEANSE, KEEP_MANUAL).to(rnd.actions.dtype)
         if self.oracle is not None:
             rnd.candidates = oracle_labels(self.dataset.labels(), self.dataset.clean_labels(), flags, self.oracle)
-        rnd.summary.update(manual_clean=int((~noisy).sum()), manual_noisy=int(noisy.sum()), kept_manual=int(
-            (~noisy).sum()), kept_pseudo=0, cleansed=int(noisy.sum()), oracle=self.oracle)
+        n_noisy = int(noisy.sum())
+        n_clean = len(noisy) - n_noisy
+        rnd.summary.update(manual_clean=n_clean, manual_noisy=n_noisy, kept_manual=n_clean, kept_pseudo=0,
+                           cleansed=n_noisy, oracle=self.oracle)
 
 
 # keyword arguments of SelfCleansing up to bundle version 0.6.0, and where each one went
